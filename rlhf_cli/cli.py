@@ -1,0 +1,139 @@
+"""The `rlhf` command: sft | reward | ppo | eval | validate.
+
+Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 an internal error.
+"""
+
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhf_cli.config.loader import apply_overrides, build_stage, infer_stage, load_raw, output_dir_key
+from rlhf_cli.config.reference import text_reference
+from rlhf_cli.config.schema import STAGES
+from rlhf_cli.errors import UserError
+
+app = typer.Typer(
+    help="Train transformer language models with reinforcement learning from feedback, from YAML configs.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="The YAML config file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)."),
+]
+OutputDirOpt = Annotated[
+    str | None, typer.Option("--output-dir", metavar="DIR", help="Write the run here (overrides the config's output_dir).")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in the output folder.")]
+
+STAGE_HELP = {
+    "sft": "Supervised fine-tuning of a causal language model (or a LoRA adapter).",
+    "reward": "Train a pairwise (Bradley-Terry) reward model from preference pairs.",
+    "ppo": "PPO against a reward: a reward model, a classifier or any Python function.",
+    "eval": "Score, compare and plot models and checkpoints.",
+}
+
+
+def load_stage_config(stage: str, config: Path, overrides: list[str] | None, output_dir: str | None):
+    overrides = list(overrides or [])
+    if output_dir is not None:
+        overrides.append(f"{output_dir_key(stage)}={output_dir}")
+    raw = apply_overrides(load_raw(config), overrides)
+    return build_stage(stage, raw, str(config))
+
+
+def run_stage(stage: str, config: Path, overrides, output_dir, resume: bool, overwrite: bool) -> None:
+    cfg = load_stage_config(stage, config, overrides, output_dir)
+    module = importlib.import_module(f"rlhf_cli.stages.{stage}")
+    module.run(cfg, resume=resume, overwrite=overwrite)
+
+
+def _make_stage_command(stage: str):
+    def command(
+        config: ConfigArg,
+        set_: SetOpt = None,
+        output_dir: OutputDirOpt = None,
+        resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
+    ) -> None:
+        run_stage(stage, config, set_, output_dir, resume, overwrite)
+
+    command.__doc__ = STAGE_HELP[stage]
+    app.command(name=stage, help=STAGE_HELP[stage], epilog=text_reference(stage))(command)
+
+
+for _stage in STAGES:
+    _make_stage_command(_stage)
+
+
+@app.command()
+def validate(
+    config: ConfigArg,
+    stage: Annotated[
+        str | None, typer.Option(metavar="STAGE", help="Check against this stage (default: the file's `stage:` key, else every stage).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Load and check a config without training: keys, types, ranges and cross-key rules."""
+    stage = stage or infer_stage(config)
+    if stage is not None:
+        if stage not in STAGES:
+            raise UserError(f"--stage {stage}: choose one of: {', '.join(STAGES)}.")
+        build_stage(stage, apply_overrides(load_raw(config), list(set_ or [])), str(config))
+        typer.echo(f"{config}: valid `rlhf {stage}` config.")
+        return
+    raw = apply_overrides(load_raw(config), list(set_ or []))
+    candidates = candidate_stages(raw)
+    errors = []
+    for candidate in candidates:
+        try:
+            build_stage(candidate, raw, str(config))
+        except UserError as err:
+            errors.append(f"as `rlhf {candidate}`: {err}")
+            continue
+        typer.echo(f"{config}: valid `rlhf {candidate}` config.")
+        return
+    messages = {e.split(": ", 1)[1] for e in errors}
+    if len(messages) == 1:
+        raise UserError(messages.pop())
+    raise UserError(f"{config}: not valid for any stage (add `stage:` to pick one). " + " | ".join(errors))
+
+
+def candidate_stages(raw: dict) -> list[str]:
+    """Stages whose sections include every top-level key of the file (all stages if none does)."""
+    sections = set(raw) - {"stage"}
+    matching = [s for s, cls in STAGES.items() if sections <= {f.name for f in dataclasses.fields(cls)}]
+    return matching or list(STAGES)
+
+
+def main() -> None:
+    """Entry point: run the typer app, turning user errors into exit status 2 with one message."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
+        sys.exit(code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,51 @@
+"""Rules that involve more than one key. Single-key types and ranges are checked by the loader."""
+
+from typing import Any
+
+from rlhf_cli.config.sections import RewardSourceConfig, TrainingConfig
+from rlhf_cli.errors import UserError
+
+
+def check_training(training: TrainingConfig) -> None:
+    if training.bf16 and training.fp16:
+        raise UserError("training.bf16 and training.fp16 are both true; choose at most one.")
+
+
+def check_reward_source(source: RewardSourceConfig, key: str) -> None:
+    if (source.model is None) == (source.function is None):
+        raise UserError(
+            f"{key}: give exactly one of {key}.model (a reward/classifier model) or {key}.function "
+            "(`package.module:callable` or `builtin:sentiment`)."
+        )
+    if source.function is not None and ":" not in source.function:
+        raise UserError(
+            f"{key}.function: {source.function!r} must be `package.module:callable` or a `builtin:` name."
+        )
+
+
+def check_reward(reward: Any) -> None:
+    """`reward` either is one source (model/function) or lists several in `reward.sources`."""
+    if reward.sources:
+        if reward.model is not None or reward.function is not None:
+            raise UserError("reward: give either reward.model/reward.function or reward.sources, not both.")
+        for i, source in enumerate(reward.sources):
+            check_reward_source(source, f"reward.sources[{i}]")
+    else:
+        check_reward_source(reward, "reward")
+
+
+def check_stage(stage: str, config: Any) -> None:
+    if hasattr(config, "training"):
+        check_training(config.training)
+    if stage in ("ppo", "eval"):
+        check_reward(config.reward)
+    if stage == "eval" and not config.eval.models:
+        raise UserError("eval.models: list at least one model to evaluate.")
+    if stage == "ppo":
+        ppo, training = config.ppo, config.training
+        rollout = training.per_device_train_batch_size * training.gradient_accumulation_steps * ppo.num_mini_batches
+        if ppo.total_episodes < rollout:
+            raise UserError(
+                f"ppo.total_episodes ({ppo.total_episodes}) is smaller than one rollout batch "
+                f"(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {rollout})."
+            )

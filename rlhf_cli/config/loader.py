@@ -1,0 +1,265 @@
+"""YAML -> typed config dataclasses: `extends`, `--set` overrides, validation, and the resolved dump.
+
+Every error a user can make here becomes a `UserError` naming the full key path (and the file) and
+saying what is allowed, e.g. "ppo.kl_coeff: unknown key; did you mean ppo.kl_coef?".
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_cli.config.schema import STAGES
+from rlhf_cli.errors import UserError
+
+# Top-level keys that are not sections: the stage a file is written for, and its parents.
+META_KEYS = ("stage", "extends")
+OUTPUT_DIR_KEY = {"eval": "eval.output_dir"}  # every other stage: training.output_dir
+
+
+def output_dir_key(stage: str) -> str:
+    return OUTPUT_DIR_KEY.get(stage, "training.output_dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML files and their `extends` chains
+# ---------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read one YAML mapping with `yaml.safe_load` (never a loader that builds Python objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; check the path.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}{where}: invalid YAML: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, ...), not {type(data).__name__}.")
+    return data
+
+
+def deep_merge(base: dict, child: dict) -> dict:
+    """Child values win; mappings merge key by key, everything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config file with its `extends` parents (paths relative to the file), merged."""
+    path = Path(path).resolve() if Path(path).exists() else Path(path)
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise UserError(f"{path}: `extends` forms a cycle: {cycle}.")
+    data = read_yaml(path)
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise UserError(f"{path}: extends: expected a file path or a list of file paths.")
+    merged: dict = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise UserError(f"{path}: extends: {parent!r} not found (looked for {parent_path}).")
+        merged = deep_merge(merged, load_raw(parent_path, (*_chain, path)))
+    return deep_merge(merged, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# `--set key.path=value` overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected key.path=value, e.g. --set training.learning_rate=1e-5.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text; the field's type decides whether that is allowed
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each override into the raw mapping. Key names are checked later, with the rest."""
+    result = deep_merge({}, raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating the dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(tp, str(tp))
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless and expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(item_tp):
+            value = [value]  # `--set peft.lora_target_modules=c_attn` means a one-item list
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}.")
+        return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping of keys, got {_describe(value)}.")
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a label or a revision written as a number
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}.")
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if item is None:
+            continue
+        if meta.get("choices") and item not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"])
+            raise UserError(f"{key}: {item!r} is not allowed; choose one of: {allowed}.")
+        if meta.get("min") is not None and item < meta["min"]:
+            raise UserError(f"{key}: {item} is too small; it must be >= {meta['min']}.")
+        if meta.get("max") is not None and item > meta["max"]:
+            raise UserError(f"{key}: {item} is too large; it must be <= {meta['max']}.")
+        if meta.get("greater_than") is not None and item <= meta["greater_than"]:
+            raise UserError(f"{key}: {item} must be > {meta['greater_than']}.")
+
+
+def unknown_key_error(key: str, prefix: str, valid: list[str]) -> UserError:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"valid keys: {', '.join(valid)}."
+    return UserError(f"{full}: unknown key; {hint}")
+
+
+def build(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a raw mapping, checking every key, type and range."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise unknown_key_error(str(key), prefix, list(fields))
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(value, hints[name], key)
+        _check_range(values[name], fields[name].metadata, key)
+    return cls(**values)
+
+
+def build_stage(stage: str, raw: dict, source: str = "config") -> Any:
+    """Build the root config of `stage` from a merged raw mapping and check cross-field rules."""
+    raw = dict(raw)
+    declared = raw.pop("stage", None)
+    if declared is not None and declared != stage:
+        raise UserError(
+            f"{source}: this config is written for `rlhf {declared}` (stage: {declared}), not `rlhf {stage}`."
+        )
+    config = build(STAGES[stage], raw)
+    from rlhf_cli.config.checks import check_stage  # cross-field rules live beside the schema
+
+    check_stage(stage, config)
+    return config
+
+
+def load_config(stage: str, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """The full path from a YAML file (+ `--set` overrides) to a validated stage config."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return build_stage(stage, raw, str(path))
+
+
+def infer_stage(path: str | Path) -> str | None:
+    """The `stage:` a file declares (directly or through `extends`), or None."""
+    stage = load_raw(path).get("stage")
+    if stage is not None and stage not in STAGES:
+        raise UserError(f"{path}: stage: {stage!r} is not a stage; choose one of: {', '.join(STAGES)}.")
+    return stage
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved config: written at the start of every run, and loadable again
+# ---------------------------------------------------------------------------------------------
+
+
+def to_dict(stage: str, config: Any) -> dict:
+    return {"stage": stage, **dataclasses.asdict(config)}
+
+
+def dump_config(stage: str, config: Any, path: str | Path) -> None:
+    text = yaml.safe_dump(to_dict(stage, config), sort_keys=False, default_flow_style=False)
+    Path(path).write_text(text)
+
+
+def get_key(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config

@@ -1,0 +1,168 @@
+"""One root config per subcommand, assembled from the shared sections plus its own options."""
+
+from dataclasses import dataclass
+
+from rlhf_cli.config.fields import option, section
+from rlhf_cli.config.sections import (
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    PeftConfig,
+    RewardSourceConfig,
+    TrainingConfig,
+)
+
+
+@dataclass
+class SFTDataConfig(DataConfig):
+    dataset_format: str = option(
+        "auto",
+        "Row format: `text` (language modelling), `prompt-completion`, `messages` (conversational, "
+        "formatted with the chat template); `auto` picks from the columns present.",
+        choices=("auto", "text", "prompt-completion", "messages"),
+    )
+    text_column: str = option("text", "Column holding plain text.")
+    prompt_column: str = option("prompt", "Column holding the prompt.")
+    completion_column: str = option("completion", "Column holding the completion.")
+    messages_column: str = option("messages", "Column holding a list of {role, content} messages.")
+    completion_only_loss: bool = option(
+        True, "Train only on completion / assistant tokens (prompt and user tokens are masked)."
+    )
+    packing: bool = option(False, "Pack several short examples into each max_length sequence.")
+
+
+@dataclass
+class RewardDataConfig(DataConfig):
+    dataset_name: str = option(
+        "builtin:review-preferences",
+        "Preference dataset: a `builtin:` name, Hub name, local file or `save_to_disk` folder.",
+    )
+    prompt_column: str | None = option(
+        "prompt", "Column holding the prompt; null when chosen/rejected already contain it."
+    )
+    chosen_column: str = option("chosen", "Column holding the preferred response.")
+    rejected_column: str = option("rejected", "Column holding the dispreferred response.")
+    margin_column: str | None = option(None, "Optional column with a margin the chosen score must exceed by.")
+    long_pairs: str = option(
+        "truncate", "What to do with pairs longer than max_length.", choices=("truncate", "drop")
+    )
+
+
+@dataclass
+class PromptDataConfig(DataConfig):
+    prompt_column: str = option("prompt", "Column holding the prompt (a string or a list of messages).")
+    max_prompt_length: int = option(64, "Maximum prompt tokens.", min=1)
+    long_prompts: str = option(
+        "truncate_left",
+        "Prompts longer than max_prompt_length: keep their last tokens, or stop with an error.",
+        choices=("truncate_left", "reject"),
+    )
+
+
+@dataclass
+class RewardConfig(RewardSourceConfig):
+    sources: list[RewardSourceConfig] = option(
+        [], "Several reward sources combined as a weighted sum (instead of model/function above)."
+    )
+
+
+@dataclass
+class RewardTrainingConfig:
+    center_rewards_coefficient: float | None = option(
+        None, "Weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on zero.", min=0.0
+    )
+
+
+@dataclass
+class PPOOptions:
+    total_episodes: int = option(1024, "Responses generated and trained on in the whole run.", min=1)
+    num_ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
+    num_mini_batches: int = option(1, "Mini-batches each rollout batch is split into per epoch.", min=1)
+    local_rollout_forward_batch_size: int = option(
+        64, "Rows per no-grad forward pass when computing reference log-probs, values and rewards.", min=1
+    )
+    kl_coef: float = option(0.05, "Weight of the per-token KL penalty to the reference model.", min=0.0)
+    kl_estimator: str = option(
+        "k1", "Per-token KL estimator: k1 (log ratio) or k3 (unbiased, always positive).", choices=("k1", "k3")
+    )
+    adaptive_kl: bool = option(False, "Adapt kl_coef towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = option(6.0, "Target sequence-level KL of the adaptive controller.", greater_than=0.0)
+    kl_horizon: int = option(10000, "Horizon (episodes) of the adaptive KL controller.", min=1)
+    cliprange: float = option(0.2, "PPO clip range of the policy ratio.", greater_than=0.0)
+    cliprange_value: float = option(0.2, "Clip range of the value prediction around its rollout value.", greater_than=0.0)
+    vf_coef: float = option(0.1, "Weight of the value loss.", min=0.0)
+    entropy_coef: float = option(0.0, "Weight of an entropy bonus in the policy loss.", min=0.0)
+    gamma: float = option(1.0, "Discount factor.", min=0.0, max=1.0)
+    lam: float = option(0.95, "GAE lambda.", min=0.0, max=1.0)
+    whiten_rewards: bool = option(False, "Whiten the per-token rewards over valid tokens before GAE.")
+    reward_clip: float | None = option(None, "Clip scores to [-reward_clip, reward_clip].", greater_than=0.0)
+    missing_eos_penalty: float | None = option(
+        None, "Subtract this from the score of a response that never produced the stop token."
+    )
+    value_model_name_or_path: str | None = option(
+        None, "A separate critic (e.g. the reward model) instead of a value head on the policy."
+    )
+    sample_steps: int = option(10, "Write a few (prompt, response, reward) rows every this many iterations.", min=1)
+    num_sample_rows: int = option(4, "Rows written each time samples are logged.", min=0)
+
+
+@dataclass
+class EvalOptions:
+    models: list[str] = option(
+        [], "Models to evaluate: folders (rlhf outputs, with adapters or value heads), `builtin:` or Hub names."
+    )
+    baseline_model: str | None = option(None, "Model the others' win rate is measured against.")
+    reference_model: str | None = option(None, "Model the KL of each evaluated model is measured to.")
+    win_rate_source: int = option(0, "Index of the reward source that decides wins.", min=0)
+    num_prompts: int = option(128, "Held-out prompts to generate from.", min=1)
+    samples_per_prompt: int = option(1, "Responses per prompt and model.", min=1)
+    perplexity_dataset: str | None = option(
+        None, "A text dataset (name or file, `text` column) for held-out perplexity; null skips it."
+    )
+    seed: int = option(0, "Sampling seed (the same for every model).", min=0)
+    output_dir: str = option("outputs/eval", "Folder for eval.json, samples.jsonl and the plots.")
+    batch_size: int = option(32, "Prompts per generation batch.", min=1)
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = section(ModelConfig, "The model to fine-tune.")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters.")
+    data: SFTDataConfig = section(SFTDataConfig, "The training data and its format.")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+
+
+@dataclass
+class RewardModelConfig:
+    model: ModelConfig = section(ModelConfig, "The model the scalar head is put on.")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters (the score head is always fully trained).")
+    data: RewardDataConfig = section(RewardDataConfig, "The preference pairs.")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+    reward: RewardTrainingConfig = section(RewardTrainingConfig, "Reward-model loss options.")
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = section(ModelConfig, "The policy (and the frozen reference made from it).")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy; the reference is the adapter disabled.")
+    data: PromptDataConfig = section(PromptDataConfig, "The prompts.")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    ppo: PPOOptions = section(PPOOptions, "PPO and KL options.")
+
+
+@dataclass
+class EvalConfig:
+    eval: EvalOptions = section(EvalOptions, "What to compare and where to write it.")
+    data: PromptDataConfig = section(PromptDataConfig, "The held-out prompts.")
+    generation: GenerationConfig = section(GenerationConfig, "Sampling settings, the same for every model.")
+    reward: RewardConfig = section(RewardConfig, "The rewards every model is scored with.")
+
+
+STAGES: dict[str, type] = {
+    "sft": SFTConfig,
+    "reward": RewardModelConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+}

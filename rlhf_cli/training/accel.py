@@ -1,0 +1,42 @@
+"""The Accelerator for a run: processes, device, mixed precision, trackers, seeding."""
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rlhf_cli.config.sections import TrainingConfig
+from rlhf_cli.errors import UserError
+
+
+def mixed_precision(training: TrainingConfig) -> str:
+    """'no', 'bf16' or 'fp16', with a clear error where the hardware cannot do it."""
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    if training.fp16:
+        if not cuda:
+            raise UserError("training.fp16: float16 mixed precision needs a CUDA GPU; use training.bf16 or neither.")
+        return "fp16"
+    if training.bf16:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise UserError("training.bf16: this GPU does not support bfloat16; use training.fp16 instead.")
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
+    """One Accelerator per run. Gradient accumulation is done by the loop itself (it needs the
+    token count of the whole accumulated batch to normalise the loss)."""
+    precision = mixed_precision(training)
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=precision,
+        log_with=list(training.report_to) or None,
+        project_dir=str(output_dir),
+    )
+    if training.report_to:
+        accelerator.init_trackers(training.run_name or output_dir.name)
+    set_seed(training.seed)
+    return accelerator
