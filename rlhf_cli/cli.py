@@ -14,7 +14,7 @@ import typer
 from rlhf_cli.config.loader import apply_overrides, build_stage, infer_stage, load_raw, output_dir_key
 from rlhf_cli.config.reference import text_reference
 from rlhf_cli.config.schema import STAGES
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import NotBuiltYet, UserError
 
 app = typer.Typer(
     help="Train transformer language models with reinforcement learning from feedback, from YAML configs.",
@@ -119,7 +119,7 @@ def main() -> None:
     """Entry point: run the typer app, turning user errors into exit status 2 with one message."""
     try:
         app(standalone_mode=False)
-    except UserError as err:
+    except (UserError, NotBuiltYet) as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except (typer.Exit, SystemExit) as exc:

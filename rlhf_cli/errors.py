@@ -8,3 +8,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class NotBuiltYet(Exception):
+    """A subcommand whose config loads but whose training is not in this version (exit status 1)."""
+
+    exit_code = 1

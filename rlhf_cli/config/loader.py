@@ -134,21 +134,25 @@ def _describe(value: Any) -> str:
     return "null" if value is None else f"{value!r} ({type(value).__name__})"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless and expected."""
+def _coerce(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless and expected.
+
+    `shown` is the annotation named in the error (the Optional around `tp`, if any).
+    """
+    shown = shown or tp
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        return _coerce(value, inner, key, shown=tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(item_tp):
             value = [value]  # `--set peft.lora_target_modules=c_attn` means a one-item list
         if not isinstance(value, list):
-            raise UserError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}.")
+            raise UserError(f"{key}: expected {_type_name(shown)}, got {_describe(value)}.")
         return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -175,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a label or a revision written as a number
-    raise UserError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}.")
+    raise UserError(f"{key}: expected {_type_name(shown)}, got {_describe(value)}.")
 
 
 def _check_range(value: Any, meta: dict, key: str) -> None:
@@ -235,6 +239,7 @@ def load_config(stage: str, path: str | Path, overrides: list[str] | None = None
     """The full path from a YAML file (+ `--set` overrides) to a validated stage config."""
     raw = apply_overrides(load_raw(path), overrides or [])
     return build_stage(stage, raw, str(path))
+
 
 
 def infer_stage(path: str | Path) -> str | None:
