@@ -40,3 +40,19 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
         accelerator.init_trackers(training.run_name or output_dir.name)
     set_seed(training.seed)
     return accelerator
+
+
+@torch.no_grad()
+def replica_checksum(accelerator: Accelerator, model) -> float:
+    """A checksum of the weights, checked to be identical on every process.
+
+    Data-parallel replicas must hold bit-identical weights after every step; a mismatch means a
+    broken setup (e.g. a process that skipped a step), so it stops the run instead of saving.
+    """
+    params = [p for p in accelerator.unwrap_model(model).parameters()]
+    local = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in params]).flatten()
+    local = local.to(accelerator.device)
+    everyone = accelerator.gather(local.unsqueeze(0))  # (processes, 2 * params)
+    if not bool((everyone == everyone[0]).all()):
+        raise RuntimeError("data-parallel processes ended with different weights; the run is not consistent")
+    return float(local.sum())

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.optim import make_optimizer, make_scheduler, total_steps
@@ -101,7 +102,7 @@ def train_loop(
     collate: Callable[[list], dict],
     training: TrainingConfig,
     output_dir: Path,
-    evaluate: Callable[[], dict[str, float]] | None,
+    evaluate: Callable[[Any], dict[str, float]] | None,
     resume_from: Path | None,
     metrics: MetricsWriter,
     progress_keys: tuple[str, ...],
@@ -184,7 +185,7 @@ def train_loop(
         else:
             progress.update(step)
         if evaluate is not None and training.eval_steps and step % training.eval_steps == 0 and step != total:
-            metrics.log(step, evaluate())
+            metrics.log(step, evaluate(model))
             model.train()
         if step % training.save_steps == 0 and step != total:
             save_checkpoint(
@@ -195,12 +196,15 @@ def train_loop(
 
     # 5. Final evaluation and checkpoint (the final model itself is written by the stage)
     if evaluate is not None:
-        final_eval = evaluate()
+        final_eval = evaluate(model)
         metrics.log(step, final_eval)
         state["eval"] = final_eval
     save_checkpoint(
         output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
         tokenizer=tokenizer, save_total_limit=training.save_total_limit,
     )
-    state.update(step=step, totals=totals, model=model)
+    checksum = replica_checksum(accelerator, model)
+    if accelerator.num_processes > 1:
+        log.info("all %d processes hold identical weights (checksum %.6e)", accelerator.num_processes, checksum)
+    state.update(step=step, totals=totals, model=model, weights_checksum=checksum)
     return state

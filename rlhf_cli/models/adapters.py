@@ -1,0 +1,47 @@
+"""LoRA adapters through `peft`, and writing the final model (full weights, adapter, merged)."""
+
+import logging
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from rlhf_cli.config.sections import PeftConfig
+
+log = logging.getLogger(__name__)
+
+
+def target_modules(model, peft_cfg: PeftConfig) -> list[str] | str:
+    """The configured modules, else peft's default for the architecture, else every linear layer."""
+    if peft_cfg.lora_target_modules:
+        return list(peft_cfg.lora_target_modules)
+    default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+    return list(default) if default else "all-linear"
+
+
+def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: list[str] | None = None):
+    """Wrap `model` in a LoRA adapter; only adapter weights (and `modules_to_save`) train."""
+    config = LoraConfig(
+        r=peft_cfg.lora_r,
+        lora_alpha=peft_cfg.lora_alpha,
+        lora_dropout=peft_cfg.lora_dropout,
+        target_modules=target_modules(model, peft_cfg),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA on %s: %d of %d parameters train (%.2f%%)", config.target_modules, trainable, total, 100 * trainable / total)
+    return model
+
+
+def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
+    """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`)."""
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    if isinstance(model, PeftModel) and peft_cfg.save_merged:
+        merged = model.merge_and_unload()  # the adapter is folded into the base weights in place
+        merged.save_pretrained(output_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(output_dir / "merged")
+        log.info("merged weights written to %s", output_dir / "merged")

@@ -1,0 +1,136 @@
+"""`rlhf sft`: supervised fine-tuning of a causal language model or a LoRA adapter."""
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_cli.config.schema import SFTConfig
+from rlhf_cli.data.collators import SFTCollator, supports_packed_attention
+from rlhf_cli.data.loading import load_splits
+from rlhf_cli.data.packing import pack_dataset
+from rlhf_cli.data.sft_format import tokenize_dataset
+from rlhf_cli.models.adapters import apply_lora, save_final_model
+from rlhf_cli.models.loading import load_model, load_tokenizer
+from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.training.loop import train_loop
+
+log = logging.getLogger(__name__)
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of the next token, and where it counts.
+
+    Returns (loss (B, T-1), correct (B, T-1) bool, mask (B, T-1) bool): labels shift left by one
+    (token t predicts token t+1); positions labelled -100 are masked.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    mask = labels != -100
+    safe_labels = labels.masked_fill(~mask, 0)
+    loss = F.cross_entropy(logits.transpose(1, 2), safe_labels, reduction="none") * mask
+    correct = (logits.argmax(-1) == safe_labels) & mask
+    return loss, correct, mask
+
+
+class SFTObjective:
+    """Mean next-token loss over trainable tokens (the loop normalises by the tokens of the whole step)."""
+
+    def num_items(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model, batch: dict):
+        loss, correct, mask = token_losses(model, batch)
+        sums = {"loss_sum": loss.sum().item(), "correct": correct.sum().item(), "num_tokens": mask.sum().item()}
+        return loss.sum(), sums
+
+    def finalize(self, sums: dict) -> dict:
+        tokens = max(sums.get("num_tokens", 0.0), 1.0)
+        return {"loss": sums["loss_sum"] / tokens, "mean_token_accuracy": sums["correct"] / tokens}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, collate, batch_size: int, accelerator) -> dict[str, float]:
+    """eval_loss (mean over held-out trainable tokens) and eval_perplexity = exp(eval_loss)."""
+    model.eval()
+    total = torch.zeros(3, device=accelerator.device)  # loss sum, correct, tokens
+    rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in rows[start : start + batch_size]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss, correct, mask = token_losses(model, batch)
+        total += torch.stack([loss.sum(), correct.sum().float(), mask.sum().float()])
+    total = accelerator.reduce(total, "sum")
+    eval_loss = (total[0] / total[2].clamp(min=1)).item()
+    return {
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+        "eval_mean_token_accuracy": (total[1] / total[2].clamp(min=1)).item(),
+    }
+
+
+def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> None:
+    # 1. Output folder, accelerator, logging
+    run_ = start_run("sft", config, resume, overwrite)
+    accelerator, training = run_.accelerator, config.training
+
+    # 2. Tokenizer and model (a LoRA adapter on top when asked)
+    tokenizer = load_tokenizer(
+        config.model.tokenizer_name_or_path or config.model.model_name_or_path,
+        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
+    )
+    model = load_model(
+        config.model.model_name_or_path, task="causal-lm", dtype=config.model.dtype,
+        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
+        is_trainable=True,
+    )
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.peft.use_peft and not hasattr(model, "peft_config"):
+        if training.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, config.peft, task_type="CAUSAL_LM")
+
+    # 3. Data: load, format and tokenize, (pack), collate
+    train_raw, test_raw = load_splits(config.data)
+    with accelerator.main_process_first():
+        train, stats = tokenize_dataset(train_raw, tokenizer, config.data)
+        test = tokenize_dataset(test_raw, tokenizer, config.data)[0] if test_raw is not None else None
+    log.info(
+        "training rows: %d kept of %d (%d truncated to %d tokens, %d dropped with no trainable token)",
+        stats["kept"], stats["examples"], stats["truncated"], config.data.max_length, stats["dropped_no_trainable_tokens"],
+    )
+    block_mask = False
+    if config.data.packing:
+        train = pack_dataset(train, config.data.max_length)
+        block_mask = supports_packed_attention(model)
+        if not block_mask:
+            log.warning(
+                "packing: %s cannot take a per-example attention mask; packed examples can attend to "
+                "earlier examples in the same sequence (see docs/packing.md).", type(model).__name__,
+            )
+        log.info("packed into %d sequences of up to %d tokens", len(train), config.data.max_length)
+    collate = SFTCollator(tokenizer.pad_token_id, block_diagonal_mask=block_mask)
+    eval_collate = SFTCollator(tokenizer.pad_token_id)
+
+    # 4. Train (the loop checkpoints, evaluates and resumes)
+    def run_eval(prepared_model) -> dict[str, float]:
+        return evaluate(prepared_model, test, eval_collate, training.per_device_eval_batch_size, accelerator)
+
+    state = train_loop(
+        accelerator=accelerator, model=model, objective=SFTObjective(), train_dataset=train, collate=collate,
+        training=training, output_dir=run_.output_dir, evaluate=run_eval if test is not None else None,
+        resume_from=run_.resume_from, metrics=run_.metrics, tokenizer=tokenizer,
+        progress_keys=("loss", "mean_token_accuracy", "tokens_per_s"), description="sft",
+    )
+
+    # 5. The final model at the top of output_dir
+    if accelerator.is_main_process:
+        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in state.get("eval", {}).items())
+        log.info("done: %d steps; %s; model written to %s", state["step"], summary or "no held-out split", run_.output_dir)
+    finish_run(run_)
