@@ -1,0 +1,235 @@
+"""Turn SFT rows (text, prompt-completion or messages) into `input_ids` and `labels`.
+
+Conventions shared by every format:
+- `labels` has the length of `input_ids`; -100 marks a token the loss ignores. Labels are NOT shifted:
+  Hugging Face causal LMs shift internally (logits at t predict labels[t + 1]), so labels[0] is
+  never trained and "trainable" below means "a label other than -100 after position 0".
+- No bos is added (GPT-2 style, `add_special_tokens=False`): the built-in tokenizer and GPT-2
+  checkpoints expect none. A chat template that writes a bos writes it itself.
+- text and prompt-completion end with the tokenizer's eos (unless the text already ends with it) so
+  the model learns to stop; the eos is trained. For messages the chat template decides where turns
+  end (the built-in one puts eos inside the assistant's {% generation %} block).
+- Sequences longer than `max_length` keep their first `max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from rlhf_cli.config.schema import SFTDataConfig
+from rlhf_cli.errors import UserError
+
+IGNORE_INDEX = -100
+FORMATS = ("text", "prompt-completion", "messages")
+# `{% generation %}`, `{%- generation -%}`, ... in a chat template: what return_assistant_tokens_mask needs.
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def detect_format(column_names: list[str], cfg: SFTDataConfig) -> str:
+    """The row format: `cfg.dataset_format`, or for `auto` the first whose columns are present
+    (messages, then prompt-completion, then text). Raises UserError when the columns are missing."""
+    columns = set(column_names)
+    wanted = {
+        "messages": [cfg.messages_column],
+        "prompt-completion": [cfg.prompt_column, cfg.completion_column],
+        "text": [cfg.text_column],
+    }
+    if cfg.dataset_format != "auto":
+        missing = [c for c in wanted[cfg.dataset_format] if c not in columns]
+        if missing:
+            raise UserError(
+                f"data.dataset_format is {cfg.dataset_format!r} but the dataset has no column "
+                f"{', '.join(map(repr, missing))} (it has {_names(column_names)}); rename the column "
+                f"or set data.{_column_key(cfg, missing[0])} to the right name."
+            )
+        return cfg.dataset_format
+    for fmt in ("messages", "prompt-completion", "text"):
+        if all(c in columns for c in wanted[fmt]):
+            return fmt
+    raise UserError(
+        f"data: cannot tell the SFT row format from the columns {_names(column_names)}; expected "
+        f"{cfg.messages_column!r} (messages), {cfg.prompt_column!r} + {cfg.completion_column!r} "
+        f"(prompt-completion) or {cfg.text_column!r} (text). Set data.text_column / prompt_column / "
+        "completion_column / messages_column to your column names, or data.dataset_format."
+    )
+
+
+def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfig, index: int = 0) -> dict:
+    """One row -> {"input_ids": list[int], "labels": list[int], "num_tokens": int}.
+
+    `num_tokens` is the length before truncation (tokenize_dataset counts truncations with it).
+    `index` only names the row in error messages.
+    """
+    if fmt == "text":
+        ids = _with_eos(_encode(tokenizer, _text(row, cfg.text_column, index)), tokenizer)
+        labels = list(ids)
+    elif fmt == "prompt-completion":
+        prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            ids, trained = _conversational_prompt_completion(row, tokenizer, cfg, index)
+        else:
+            # Tokenized apart and concatenated, so the prompt/completion boundary is exact. With BPE,
+            # tokenize(prompt + completion) can merge across the boundary (prompt "Hel", completion
+            # "lo" -> one token "Hello"); apart, the model trains on the prompt tokenized exactly as it
+            # will be at generation time, followed by the completion tokens it must produce.
+            prompt_ids = _encode(tokenizer, _text(row, cfg.prompt_column, index))
+            completion_ids = _with_eos(_encode(tokenizer, _text(row, cfg.completion_column, index)), tokenizer)
+            ids = prompt_ids + completion_ids
+            trained = [False] * len(prompt_ids) + [True] * len(completion_ids)
+        labels = _mask_labels(ids, trained) if cfg.completion_only_loss else list(ids)
+    elif fmt == "messages":
+        messages = _messages(row, cfg.messages_column, index)
+        _check_chat_template(tokenizer, needs_generation_tags=cfg.completion_only_loss)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=cfg.completion_only_loss
+        )
+        ids = list(out["input_ids"])
+        labels = _mask_labels(ids, out["assistant_masks"]) if cfg.completion_only_loss else list(ids)
+    else:
+        raise ValueError(f"unknown SFT format {fmt!r}; expected one of {FORMATS}")
+    # Truncation keeps the first max_length tokens (labels stay aligned with ids).
+    return {"input_ids": ids[: cfg.max_length], "labels": labels[: cfg.max_length], "num_tokens": len(ids)}
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) -> tuple[Dataset, dict]:
+    """Tokenize every row, truncate, drop rows left with no trainable label.
+
+    Returns (dataset with only `input_ids` and `labels`, stats) where stats is
+    {"examples", "kept", "dropped_no_trainable_tokens", "truncated"}.
+    """
+    if len(dataset) == 0:
+        raise UserError("data: the SFT dataset has no rows; check data.dataset_name and the split.")
+    fmt = detect_format(dataset.column_names, cfg)
+
+    def encode(row, index):
+        out = tokenize_example(row, tokenizer, fmt, cfg, index)
+        labels = out["labels"]
+        # list.count runs in C: no per-token Python loop. labels[0] is never a target (see top).
+        out["trainable"] = labels[1:].count(IGNORE_INDEX) < len(labels) - 1
+        return out
+
+    tokenized = dataset.map(
+        encode, with_indices=True, remove_columns=dataset.column_names, desc=f"Tokenizing ({fmt})"
+    )
+    num_tokens = np.asarray(tokenized["num_tokens"])
+    trainable = np.asarray(tokenized["trainable"], dtype=bool)
+    stats = {
+        "examples": len(dataset),
+        "kept": int(trainable.sum()),
+        "dropped_no_trainable_tokens": int((~trainable).sum()),
+        "truncated": int((num_tokens > cfg.max_length).sum()),
+    }
+    if stats["kept"] == 0:
+        raise UserError(
+            f"data: none of the {len(dataset)} rows has a trainable token after truncation to "
+            f"data.max_length={cfg.max_length}; raise data.max_length, shorten the prompts, or set "
+            "data.completion_only_loss: false."
+        )
+    if stats["dropped_no_trainable_tokens"]:
+        tokenized = tokenized.select(np.flatnonzero(trainable))
+    return tokenized.remove_columns(["num_tokens", "trainable"]), stats
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return ids + [eos]
+
+
+def _mask_labels(ids: list[int], trained) -> list[int]:
+    """labels = ids where `trained` (bools or 0/1), -100 elsewhere; vectorised with numpy."""
+    return np.where(np.asarray(trained, dtype=bool), np.asarray(ids), IGNORE_INDEX).tolist()
+
+
+def _text(row: dict, column: str, index: int) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise UserError(
+            f"data row {index}: column {column!r} holds {type(value).__name__} {_short(value)}, not text; "
+            "fix the row or point the column option at a text column."
+        )
+    if not value:
+        raise UserError(f"data row {index}: column {column!r} is empty; remove the row or fill it.")
+    return value
+
+
+def _messages(row: dict, column: str, index: int) -> list[dict]:
+    value = row[column]
+    if not isinstance(value, list) or not value:
+        problem = "is empty" if isinstance(value, list) else f"holds {type(value).__name__} {_short(value)}"
+        raise UserError(
+            f"data row {index}: column {column!r} {problem}; it must be a non-empty list of "
+            "{role, content} messages."
+        )
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise UserError(
+                f"data row {index}: column {column!r} holds {_short(message)}; every message must be a "
+                "{role, content} mapping."
+            )
+    return value
+
+
+def _conversational_prompt_completion(row, tokenizer, cfg, index) -> tuple[list[int], list[bool]]:
+    """TRL's "conversational prompt-completion": prompt and completion are lists of messages.
+
+    The completion is what the chat template renders after the prompt with add_generation_prompt, so
+    no {% generation %} tags are needed: trained = every token past the rendered prompt.
+    """
+    prompt = _messages(row, cfg.prompt_column, index)
+    completion = _messages(row, cfg.completion_column, index)
+    _check_chat_template(tokenizer, needs_generation_tags=False)
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+    ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise UserError(
+            f"data row {index}: the chat template does not render the prompt messages as a prefix of "
+            "prompt + completion, so the completion tokens cannot be found; use a template that does, "
+            "or put the whole conversation in data.messages_column."
+        )
+    return ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+
+
+def _check_chat_template(tokenizer, needs_generation_tags: bool) -> None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is used
+        template = template.get("default")
+    if not template:
+        raise UserError(
+            "data: the rows hold messages but the tokenizer has no chat template; use a tokenizer with one "
+            "(e.g. the built-in tokenizer) or give the rows as text / prompt-completion."
+        )
+    if needs_generation_tags and not _GENERATION_TAG.search(template):
+        raise UserError(
+            "data: data.completion_only_loss is true but the tokenizer's chat template has no "
+            "{% generation %} markers, so the assistant tokens cannot be found; set "
+            "data.completion_only_loss: false or use a template with {% generation %}."
+        )
+
+
+def _column_key(cfg: SFTDataConfig, column: str) -> str:
+    for key in ("messages_column", "prompt_column", "completion_column", "text_column"):
+        if getattr(cfg, key) == column:
+            return key
+    return "dataset_format"
+
+
+def _names(columns) -> str:
+    return ", ".join(map(repr, columns)) or "no columns"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
