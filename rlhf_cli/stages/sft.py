@@ -72,6 +72,22 @@ def evaluate(model, dataset, collate, batch_size: int, accelerator) -> dict[str,
     }
 
 
+def packed_attention_route(model) -> bool:
+    """How packed examples are kept apart: position_ids restarts (no seq x seq mask) where the model
+    supports it, else a 4D block-diagonal mask; warn when neither works. Returns block_diagonal_mask."""
+    if supports_packed_attention(model, block_diagonal_mask=False):
+        log.info("packing: examples kept apart through position_ids")
+        return False
+    if supports_packed_attention(model, block_diagonal_mask=True):
+        log.info("packing: examples kept apart with a block-diagonal attention mask")
+        return True
+    log.warning(
+        "packing: %s accepts neither position_ids restarts nor a 4D mask; packed examples can attend "
+        "to earlier examples in the same sequence (see docs/packing.md).", type(model).__name__,
+    )
+    return False
+
+
 def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> None:
     # 1. Output folder, accelerator, logging
     run_ = start_run("sft", config, resume, overwrite)
@@ -107,12 +123,7 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     block_mask = False
     if config.data.packing:
         train = pack_dataset(train, config.data.max_length)
-        block_mask = supports_packed_attention(model)
-        if not block_mask:
-            log.warning(
-                "packing: %s cannot take a per-example attention mask; packed examples can attend to "
-                "earlier examples in the same sequence (see docs/packing.md).", type(model).__name__,
-            )
+        block_mask = packed_attention_route(model)
         log.info("packed into %d sequences of up to %d tokens", len(train), config.data.max_length)
     collate = SFTCollator(tokenizer.pad_token_id, block_diagonal_mask=block_mask)
     eval_collate = SFTCollator(tokenizer.pad_token_id)
