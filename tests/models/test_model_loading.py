@@ -1,0 +1,154 @@
+"""The one loading path: built-ins, saved folders, PEFT adapter folders, and the errors a user can cause."""
+
+import json
+import os
+
+import huggingface_hub.constants
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerFast
+
+from rlhf_cli.builtin.models import build_builtin
+from rlhf_cli.errors import UserError
+from rlhf_cli.models.loading import load_model, load_tokenizer
+
+TEXTS = ["The film was a delight.", "Dull and far too long."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def rlhf_cache(tmp_path_factory):
+    """Share one trained tokenizer across the session's test modules, outside the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not os.environ.get("RLHF_CACHE"):
+            patch.setenv("RLHF_CACHE", str(tmp_path_factory.getbasetemp() / "rlhf-cache"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Fail hub look-ups at once instead of retrying for half a minute."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    """builtin:tiny-gpt2 (seed 4) written with save_pretrained, as a finished SFT run writes it."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model, tokenizer = build_builtin("tiny-gpt2", seed=4)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits
+
+
+def test_builtin_names_load_like_any_other(tmp_path):
+    model = load_model("builtin:tiny-gpt2", "causal-lm", seed=4)
+    tokenizer = load_tokenizer("builtin:tiny-gpt2", padding_side="left")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == model.config.pad_token_id
+    assert load_model("builtin:tiny-gpt2", "causal-lm", dtype="bfloat16").dtype == torch.bfloat16
+    scorer = load_model("builtin:tiny-gpt2", "sequence-classification")
+    assert scorer(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits.shape == (2, 1)
+
+
+def test_saved_folder_loads_with_identical_logits(saved_gpt2):
+    folder, original = saved_gpt2
+    tokenizer = load_tokenizer(str(folder))
+    model = load_model(str(folder), "causal-lm")
+    assert torch.equal(logits(model, tokenizer), logits(original, tokenizer))
+    assert load_tokenizer(str(folder), padding_side="left").padding_side == "left"
+
+
+def test_folder_with_reward_head_and_fresh_head_is_seeded(saved_gpt2):
+    folder, _ = saved_gpt2
+    first = load_model(str(folder), "sequence-classification", seed=1)
+    again = load_model(str(folder), "sequence-classification", seed=1)
+    other = load_model(str(folder), "sequence-classification", seed=2)
+    assert first.config.num_labels == 1
+    assert torch.equal(first.score.weight, again.score.weight)
+    assert not torch.equal(first.score.weight, other.score.weight)
+
+
+def test_tokenizer_without_pad_token_gets_eos(tmp_path, caplog):
+    builtin = load_tokenizer("builtin:tiny-gpt2")
+    PreTrainedTokenizerFast(tokenizer_object=builtin.backend_tokenizer, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path
+    )
+    with caplog.at_level("INFO", logger="rlhf_cli.models.loading"):
+        tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert "no pad token" in caplog.text
+
+
+def test_lora_adapter_folder_loads_on_its_builtin_base(tmp_path):
+    base, tokenizer = build_builtin("tiny-gpt2", seed=5)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the output
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path)  # an adapter folder, no tokenizer files
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "builtin:tiny-gpt2?seed=5"
+    )
+
+    loaded = load_model(str(tmp_path), "causal-lm")  # default seed 0: the seed in the base name wins
+    assert isinstance(loaded, PeftModel)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert torch.allclose(logits(loaded, tokenizer), logits(peft_model, tokenizer))
+    with loaded.disable_adapter():
+        assert torch.allclose(logits(loaded, tokenizer), logits(build_builtin("tiny-gpt2", seed=5)[0], tokenizer))
+
+    trainable = load_model(str(tmp_path), "causal-lm", is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in trainable.named_parameters() if p.requires_grad
+    )
+    assert load_tokenizer(str(tmp_path)).get_vocab() == tokenizer.get_vocab()  # falls back to the base's
+
+
+def test_hub_name_offline_is_a_user_error():
+    with pytest.raises(UserError, match=r"model.model_name_or_path: 'foo/bar' is neither a local folder nor reachable"):
+        load_model("foo/bar", "causal-lm")
+    with pytest.raises(UserError, match=r"reward.model_name_or_path: 'foo/bar'"):
+        load_tokenizer("foo/bar", config_key="reward.model_name_or_path")
+
+
+def test_missing_local_folder_is_a_user_error():
+    with pytest.raises(UserError, match=r"local folder './no/such/model' does not exist"):
+        load_model("./no/such/model", "causal-lm")
+
+
+def test_folder_that_is_not_a_model_is_a_user_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(UserError, match="cannot load a causal-lm model from local folder"):
+        load_model(str(tmp_path), "causal-lm")
+    with pytest.raises(UserError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_model_folder_without_tokenizer_or_head_for_the_task_is_a_user_error(tmp_path):
+    model, _ = build_builtin("tiny-t5", "seq2seq-lm")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="cannot load a causal-lm model"):
+        load_model(str(tmp_path), "causal-lm")
+    # transformers alone would return an empty T5 tokenizer here
+    with pytest.raises(UserError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_bad_dtype_and_unknown_builtin_are_user_errors():
+    with pytest.raises(UserError, match="dtype: 'fp8'"):
+        load_model("builtin:tiny-gpt2", "causal-lm", dtype="fp8")
+    with pytest.raises(UserError, match="valid names"):
+        load_model("builtin:nope", "causal-lm")
+
+
+def test_trust_remote_code_is_announced(saved_gpt2, caplog):
+    folder, _ = saved_gpt2
+    with caplog.at_level("WARNING", logger="rlhf_cli.models.loading"):
+        load_model(str(folder), "causal-lm", trust_remote_code=True)
+    assert "trust_remote_code=True" in caplog.text
