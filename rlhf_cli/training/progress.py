@@ -36,6 +36,12 @@ def setup_logging(main_process: bool = True) -> None:
     log.setLevel(level)
     for noisy in ("transformers", "datasets", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # their own progress bars (tokenizing, writing shards) would fight with ours
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -76,3 +82,15 @@ class StepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def print_samples(rows: list[dict]) -> None:
+    """A rich table of (prompt, response, score) rows, printed above the progress bar."""
+    from rich.table import Table
+
+    table = Table(title=f"samples at step {rows[0]['step']}", show_lines=True)
+    for column in ("prompt", "response", "score"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["prompt"], row["response"], f"{row['score']:.3f}")
+    console.print(table)
