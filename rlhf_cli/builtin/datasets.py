@@ -1,0 +1,215 @@
+"""Built-in datasets of the offline world, generated on the fly from the review grammar.
+
+Every dataset is a ``DatasetDict`` with ``train`` and ``test`` splits, fixed by ``seed`` (another
+seed gives other rows) and cached nowhere (the default sizes take 1-6 s each, VADER scoring most
+of it). Two rules keep the evaluation honest:
+
+* Held-out prompts. A fixed tenth of all prompt strings (chosen by a CRC32 hash of the text, so
+  the same for every seed and every dataset) may be the prompt of test rows only, the rest of
+  train rows only. So no test prompt of any built-in dataset is the prompt of any train row, even
+  when one pipeline trains SFT on ``reviews``, a reward model on ``review-preferences`` and PPO on
+  ``review-prompts``; preference pairs of the test split are unseen with them. (A short held-out
+  prompt such as "So I" may still begin a longer training prompt: what is held out is the query.)
+  Chat rows are split the same way on the user's request.
+* Distinct rows. Rows are unique within a split; test splits also hold each prompt at most once,
+  so that a few common openings ("I watched") cannot crowd out the rest.
+
+The prompt of a review is its first 2-5 words, always cut inside the neutral opening, so a prompt
+never gives the sentiment away and the policy's own words decide the gold score. Besides the
+columns trainers need, rows carry the gold facts evaluations use: ``score_chosen`` and
+``score_rejected`` on preference pairs, the requested ``label`` on chat rows.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable, Iterator
+
+from datasets import Dataset, DatasetDict, Features, List, Value
+
+from rlhf_cli.builtin import corpus
+from rlhf_cli.builtin.sentiment import sentiment_scores
+from rlhf_cli.errors import UserError
+
+BUILTIN_DATASETS: dict[str, str] = {
+    "reviews": "synthetic movie reviews: text, prompt (first 2-5 words), completion, label, sentiment",
+    "review-preferences": "two continuations of one opening: prompt, chosen, rejected (gold gap >= 0.2)",
+    "review-chat": "messages: a user asks for a positive/negative/mixed film review, the assistant writes it",
+    "review-prompts": "distinct review openings (prompt) for PPO rollouts and evaluation",
+}
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {
+    "reviews": (20_000, 1_000),
+    "review-preferences": (10_000, 1_000),
+    "review-chat": (10_000, 500),
+    "review-prompts": (10_000, 500),
+}
+MIN_PREFERENCE_GAP = 0.2
+HELD_OUT_PERCENT = 10
+
+_STRING = Value("string")
+_FEATURES = {
+    "reviews": Features(
+        {
+            "text": _STRING,
+            "prompt": _STRING,
+            "completion": _STRING,
+            "label": _STRING,
+            "sentiment": Value("float64"),
+        }
+    ),
+    "review-preferences": Features(
+        {
+            "prompt": _STRING,
+            "chosen": _STRING,
+            "rejected": _STRING,
+            "score_chosen": Value("float64"),
+            "score_rejected": Value("float64"),
+        }
+    ),
+    "review-chat": Features({"messages": List({"role": _STRING, "content": _STRING}), "label": _STRING}),
+    "review-prompts": Features({"prompt": _STRING}),
+}
+# Label pairs for preference pairs: mostly opposite polarities, some harder same-polarity pairs.
+_PAIR_LABELS = (
+    (("positive", "negative"), 3),
+    (("positive", "neutral"), 2),
+    (("neutral", "negative"), 2),
+    (("positive", "positive"), 1),
+    (("negative", "negative"), 1),
+    (("neutral", "neutral"), 1),
+)
+# A chat answer must read as asked: the gold score range each requested polarity accepts.
+_CHAT_RANGES = {"positive": (0.3, 1.0), "negative": (-1.0, -0.3), "neutral": (-0.5, 0.5)}
+
+Row = dict[str, object]
+
+
+def is_held_out(key: str) -> bool:
+    """Whether ``key`` (a prompt or a chat request) belongs to the test side; same for every seed."""
+    return zlib.crc32(key.encode("utf-8")) % 100 < HELD_OUT_PERCENT
+
+
+def _openings(rng: random.Random, test: bool) -> Iterator[tuple[corpus.Film, str, str]]:
+    """Endless (film, opening, prompt) triples whose prompt falls on the requested side."""
+    while True:
+        film = corpus.random_film(rng)
+        opening = corpus.sentence(rng, "opening", film)
+        words = opening.split(" ")
+        k = rng.choices(range(2, 6), weights=(1, 2, 3, 3))[0]
+        prompt = " ".join(words[: min(k, len(words) - 1)])
+        if is_held_out(prompt) == test:
+            yield film, opening, prompt
+
+
+def _review_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    for film, opening, prompt in _openings(rng, test):
+        review = corpus.write_review(rng, film=film, opening=opening)
+        yield {
+            "text": review.text,
+            "prompt": prompt,
+            "completion": review.text[len(prompt) :],
+            "label": review.label,
+        }
+
+
+def _preference_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    pairs, weights = zip(*_PAIR_LABELS, strict=True)
+    for film, opening, prompt in _openings(rng, test):
+        first, second = rng.choices(pairs, weights=weights)[0]
+        a = corpus.write_review(rng, first, film, opening).text
+        b = corpus.write_review(rng, second, film, opening).text
+        score_a, score_b = sentiment_scores([a, b])
+        if abs(score_a - score_b) < MIN_PREFERENCE_GAP:
+            continue  # too close to call: draw a new opening rather than keep a noisy pair
+        if score_a < score_b:
+            a, b, score_a, score_b = b, a, score_b, score_a
+        yield {
+            "prompt": prompt,
+            "chosen": a[len(prompt) :],
+            "rejected": b[len(prompt) :],
+            "score_chosen": score_a,
+            "score_rejected": score_b,
+        }
+
+
+def _chat_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    while True:
+        label, film = rng.choice(corpus.LABELS), corpus.random_film(rng)
+        request = corpus.sentence(rng, f"request_{label}", film)
+        num_sentences = rng.randint(2, 6)
+        if rng.random() < 0.4:
+            count = corpus.RULES["number"][num_sentences - 1]
+            request += " " + corpus.sentence(rng, "request_length", film, count=count)
+        if is_held_out(request) != test:
+            continue
+        review = corpus.write_review(rng, label, film, num_sentences=num_sentences)
+        low, high = _CHAT_RANGES[label]
+        if low <= sentiment_scores([review.text])[0] <= high:
+            messages = [{"role": "user", "content": request}, {"role": "assistant", "content": review.text}]
+            yield {"messages": messages, "label": label}
+
+
+def _prompt_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    for _film, _opening, prompt in _openings(rng, test):
+        yield {"prompt": prompt}
+
+
+_ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[[Row], object]]] = {
+    # name: (row generator, the part of a row that must be unique within a split)
+    "reviews": (_review_rows, lambda row: row["text"]),
+    "review-preferences": (_preference_rows, lambda row: (row["prompt"], row["chosen"], row["rejected"])),
+    "review-chat": (_chat_rows, lambda row: row["messages"][0]["content"]),
+    "review-prompts": (_prompt_rows, lambda row: row["prompt"]),
+}
+
+
+def _split(name: str, seed: int, split: str, size: int) -> Dataset:
+    make_rows, unique_key = _ROWS[name]
+    rng = random.Random(f"rlhf_cli.builtin:{name}:{seed}:{split}")
+    test = split == "test"
+    rows: list[Row] = []
+    seen: set[object] = set()
+    seen_prompts: set[object] = set()
+    for attempt, row in enumerate(make_rows(rng, test) if size else ()):
+        if attempt > 50 * size + 1_000:
+            raise UserError(
+                f"built-in dataset {name!r}: could not make {size} distinct {split} rows; ask for fewer"
+            )
+        key, prompt = unique_key(row), row.get("prompt")
+        if key in seen or (test and prompt is not None and prompt in seen_prompts):
+            continue
+        seen.add(key)
+        seen_prompts.add(prompt)
+        rows.append(row)
+        if len(rows) == size:
+            break
+    if name == "reviews":
+        scores = sentiment_scores([row["text"] for row in rows])
+        rows = [row | {"sentiment": score} for row, score in zip(rows, scores, strict=True)]
+    columns = {column: [row[column] for row in rows] for column in _FEATURES[name]}
+    return Dataset.from_dict(columns, features=_FEATURES[name])
+
+
+def load_builtin_dataset(
+    name: str, seed: int = 0, num_train: int | None = None, num_test: int | None = None
+) -> DatasetDict:
+    """Generate the built-in dataset ``name`` (see ``BUILTIN_DATASETS``) for ``seed``.
+
+    ``num_train`` / ``num_test`` default to ``DEFAULT_SIZES[name]``. The test split depends only
+    on ``seed`` and ``num_test``, so asking for more training rows never changes the test rows.
+    """
+    if name not in BUILTIN_DATASETS:
+        valid = ", ".join(sorted(BUILTIN_DATASETS))
+        raise UserError(f"unknown built-in dataset {name!r}; valid names are: {valid}")
+    default_train, default_test = DEFAULT_SIZES[name]
+    sizes = {
+        "train": default_train if num_train is None else num_train,
+        "test": default_test if num_test is None else num_test,
+    }
+    for split, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise UserError(
+                f"built-in dataset {name!r}: num_{split} must be a whole number >= 0, got {size!r}"
+            )
+    return DatasetDict({split: _split(name, seed, split, size) for split, size in sizes.items()})

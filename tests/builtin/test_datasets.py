@@ -1,0 +1,145 @@
+"""Built-in datasets: columns, determinism, held-out prompts and the preference gap."""
+
+import re
+
+import pytest
+from datasets import DatasetDict
+
+from rlhf_cli.builtin import corpus
+from rlhf_cli.builtin.datasets import (
+    BUILTIN_DATASETS,
+    DEFAULT_SIZES,
+    MIN_PREFERENCE_GAP,
+    is_held_out,
+    load_builtin_dataset,
+)
+from rlhf_cli.builtin.sentiment import sentiment_scores
+from rlhf_cli.errors import UserError
+
+SMALL = {"num_train": 300, "num_test": 60}
+COLUMNS = {
+    "reviews": ["text", "prompt", "completion", "label", "sentiment"],
+    "review-preferences": ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"],
+    "review-chat": ["messages", "label"],
+    "review-prompts": ["prompt"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILTIN_DATASETS))
+def small(request):
+    return request.param, load_builtin_dataset(request.param, seed=0, **SMALL)
+
+
+def test_every_dataset_has_train_and_test_with_its_columns(small):
+    name, data = small
+    assert isinstance(data, DatasetDict) and set(data) == {"train", "test"}
+    assert (data["train"].num_rows, data["test"].num_rows) == (300, 60)
+    assert data["train"].column_names == data["test"].column_names == COLUMNS[name]
+    assert name in DEFAULT_SIZES and BUILTIN_DATASETS[name]
+
+
+def test_same_seed_same_rows_other_seed_other_rows(small):
+    name, data = small
+    again = load_builtin_dataset(name, seed=0, **SMALL)
+    other = load_builtin_dataset(name, seed=1, **SMALL)
+    for split in ("train", "test"):
+        assert again[split].to_dict() == data[split].to_dict()
+        assert other[split].to_dict() != data[split].to_dict()
+
+
+def test_test_rows_do_not_depend_on_the_train_size():
+    small_train = load_builtin_dataset("reviews", num_train=10, num_test=30)
+    large_train = load_builtin_dataset("reviews", num_train=200, num_test=30)
+    assert small_train["test"].to_dict() == large_train["test"].to_dict()
+
+
+def _keys(name, rows):
+    if name == "review-chat":
+        return [row["messages"][0]["content"] for row in rows]
+    return [row["prompt"] for row in rows]
+
+
+def test_held_out_prompts_never_appear_in_train(small):
+    name, data = small
+    train, test = _keys(name, data["train"]), _keys(name, data["test"])
+    assert not set(train) & set(test)
+    assert all(is_held_out(key) for key in test) and not any(is_held_out(key) for key in train)
+    assert len(set(test)) == len(test)  # each held-out prompt at most once
+    if name == "reviews":
+        assert not set(data["train"]["text"]) & set(data["test"]["text"])
+
+
+def test_reviews_split_into_prompt_and_completion():
+    data = load_builtin_dataset("reviews", **SMALL)["train"]
+    for row in data:
+        assert row["prompt"] + row["completion"] == row["text"]
+        assert row["completion"].startswith(" ") and 2 <= len(row["prompt"].split(" ")) <= 5
+        assert row["label"] in corpus.LABELS
+    assert data["sentiment"] == sentiment_scores(data["text"])
+    assert {row["label"] for row in data} == set(corpus.LABELS)
+
+
+def test_preferences_chosen_beats_rejected_by_the_gap():
+    data = load_builtin_dataset("review-preferences", **SMALL)
+    for split in ("train", "test"):
+        rows = data[split]
+        chosen = sentiment_scores([p + c for p, c in zip(rows["prompt"], rows["chosen"], strict=True)])
+        rejected = sentiment_scores([p + r for p, r in zip(rows["prompt"], rows["rejected"], strict=True)])
+        assert chosen == rows["score_chosen"] and rejected == rows["score_rejected"]
+        assert all(c - r >= MIN_PREFERENCE_GAP for c, r in zip(chosen, rejected, strict=True))
+        pairs = zip(rows["chosen"], rows["rejected"], strict=True)
+        assert all(c != r and c.startswith(" ") and r.startswith(" ") for c, r in pairs)
+
+
+def test_preferences_are_not_all_positive_against_negative():
+    """Some pairs compare two positive continuations: a reward model must rank, not only classify."""
+    rows = load_builtin_dataset("review-preferences", **SMALL)["train"]
+    both_positive = sum(
+        c > 0.5 and r > 0.5 for c, r in zip(rows["score_chosen"], rows["score_rejected"], strict=True)
+    )
+    assert both_positive > 0
+
+
+def test_chat_rows_ask_for_a_review_and_answer_as_asked():
+    data = load_builtin_dataset("review-chat", **SMALL)["train"]
+    for row in data:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert "review" in user["content"].lower() and assistant["content"]
+        count = re.search(r"\b(two|three|four|five|six) sentences", user["content"])
+        if count:
+            sentences = re.split(r"(?<=[.!?]) ", assistant["content"])
+            assert len(sentences) == corpus.RULES["number"].index(count.group(1)) + 1
+    scores = sentiment_scores([row["messages"][1]["content"] for row in data])
+    for label, score in zip(data["label"], scores, strict=True):
+        assert {"positive": score >= 0.3, "negative": score <= -0.3, "neutral": abs(score) <= 0.5}[label]
+
+
+def test_review_prompts_are_distinct_openings():
+    data = load_builtin_dataset("review-prompts", **SMALL)
+    for split in ("train", "test"):
+        prompts = data[split]["prompt"]
+        assert len(set(prompts)) == len(prompts) and all(2 <= len(p.split(" ")) <= 5 for p in prompts)
+
+
+def test_unknown_name_lists_the_valid_names():
+    with pytest.raises(UserError, match="unknown built-in dataset 'imdb'.*review-chat, review-preferences"):
+        load_builtin_dataset("imdb")
+
+
+def test_negative_size_is_a_user_error():
+    with pytest.raises(UserError, match="num_train"):
+        load_builtin_dataset("reviews", num_train=-1)
+
+
+def test_empty_splits_keep_their_columns():
+    data = load_builtin_dataset("review-chat", num_train=0, num_test=0)
+    assert data["train"].num_rows == 0 and data["train"].column_names == COLUMNS["review-chat"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BUILTIN_DATASETS))
+def test_default_sizes_can_be_generated(name):
+    """Default sizes are reachable (enough distinct held-out prompts) in a few seconds each."""
+    data = load_builtin_dataset(name)
+    assert (data["train"].num_rows, data["test"].num_rows) == DEFAULT_SIZES[name]
