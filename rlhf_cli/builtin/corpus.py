@@ -263,6 +263,7 @@ class Film:
     costar: str
     genre: str
     genres: str
+    duration: str
 
     def context(self) -> dict[str, str]:
         return dict(self.__dict__)
@@ -283,7 +284,8 @@ def random_film(rng: random.Random) -> Film:
     while costar == lead:
         costar = expand("{person}", rng)
     genre, genres = rng.choice(lx.GENRES)
-    return Film(tidy(expand("{title}", rng)), director, lead, costar, genre, genres)
+    title = tidy(expand("{title}", rng))
+    return Film(title, director, lead, costar, genre, genres, duration=rng.choice(lx.DURATIONS))
 
 
 def sentence(rng: random.Random, rule: str, film: Film, **extra: str) -> str:
