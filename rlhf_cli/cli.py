@@ -116,24 +116,9 @@ def candidate_stages(raw: dict) -> list[str]:
 
 
 def main() -> None:
-    """Entry point: run the typer app, turning user errors into exit status 2 with one message."""
+    """Entry point. Usage errors are click's (exit 2, with usage); user errors print one line (exit 2)."""
     try:
-        app(standalone_mode=False)
+        app()
     except (UserError, NotBuiltYet) as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except (typer.Exit, SystemExit) as exc:
-        code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
-        sys.exit(code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise

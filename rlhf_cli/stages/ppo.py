@@ -1,7 +1,172 @@
-"""`rlhf ppo`: not built yet (issue #5). Its config already loads and validates."""
+"""`rlhf ppo`: PPO against a reward — rollout -> score -> advantages -> update, one iteration at a time."""
 
-from rlhf_cli.errors import NotBuiltYet
+import json
+import logging
+import time
+
+import torch
+
+from rlhf_cli.config.schema import PPOConfig
+from rlhf_cli.data.loading import load_splits, require_columns
+from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import save_final_model
+from rlhf_cli.models.loading import load_tokenizer
+from rlhf_cli.models.policy import load_policy
+from rlhf_cli.ppo.generation import encode_prompts, left_pad
+from rlhf_cli.ppo.trainer import PPOTrainer, Rollout
+from rlhf_cli.rewards.combined import CombinedReward
+from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.training.accel import replica_checksum
+from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_cli.training.loop import BatchOrder
+from rlhf_cli.training.progress import StepProgress, print_samples
+
+log = logging.getLogger(__name__)
+PROGRESS_KEYS = ("objective/scores", "objective/kl", "episodes_per_s")
 
 
-def run(config, resume: bool = False, overwrite: bool = False) -> None:
-    raise NotBuiltYet("rlhf ppo is not available in this version yet; `rlhf validate` checks its config.")
+def prepare_prompts(dataset, tokenizer, config: PPOConfig, split: str) -> tuple[list[list[int]], dict[str, list]]:
+    """Token ids of every prompt (encoded once) and the other columns (passed to reward functions)."""
+    column = config.data.prompt_column
+    require_columns(dataset, {"data.prompt_column": column}, f"{config.data.dataset_name} ({split})")
+    ids, cut = encode_prompts(dataset[column], tokenizer, config.data.max_prompt_length, config.data.long_prompts)
+    if cut:
+        log.warning("%d of %d %s prompts were longer than %d tokens and keep their last tokens",
+                    cut, len(ids), split, config.data.max_prompt_length)
+    columns = {c: dataset[c] for c in dataset.column_names if c != column}
+    return ids, columns
+
+
+def score(reward: CombinedReward, rollout: Rollout, columns: dict, rows: list[int]) -> tuple[torch.Tensor, dict]:
+    batch_columns = {name: [values[i] for i in rows] for name, values in columns.items()}
+    return reward.score(rollout.prompts, rollout.responses, batch_columns)
+
+
+@torch.no_grad()
+def held_out_scores(trainer: PPOTrainer, reward: CombinedReward, prompts, columns, seed: int) -> dict[str, float]:
+    """Mean reward of responses sampled for the held-out prompts (same seed every time; the training
+    RNG is left untouched)."""
+    device, pad = trainer.accelerator.device, trainer.tokenizer.pad_token_id
+    rows = list(range(trainer.accelerator.process_index, len(prompts), trainer.accelerator.num_processes))
+    total = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), trainer.ppo.local_rollout_forward_batch_size):
+            chunk = rows[start : start + trainer.ppo.local_rollout_forward_batch_size]
+            q, m = left_pad([prompts[i] for i in chunk], pad)
+            rollout = trainer.generate(query_ids=q.to(device), query_mask=m.to(device))
+            scores, parts = score(reward, rollout, columns, chunk)
+            for name, values in {"scores": scores, **parts}.items():
+                total[name] = total.get(name, 0.0) + values.sum().item()
+    sums = torch.tensor(list(total.values()) + [float(len(rows))], device=device)
+    sums = trainer.accelerator.reduce(sums, "sum")
+    return {f"eval/{name}": (v / sums[-1]).item() for name, v in zip(total, sums[:-1], strict=True)}
+
+
+def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> None:
+    # 1. Output folder, accelerator, logging
+    run_ = start_run("ppo", config, resume, overwrite)
+    accelerator, training, ppo = run_.accelerator, config.training, config.ppo
+
+    # 2. Policy with value head, reference, tokenizer (left padding: prompts end where responses start)
+    tokenizer = load_tokenizer(
+        config.model.tokenizer_name_or_path or config.model.model_name_or_path, padding_side="left",
+        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
+    )
+    model, reference = load_policy(config.model, config.peft, training.seed, ppo.value_model_name_or_path)
+    if training.gradient_checkpointing:
+        model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 3. Rewards and prompts
+    reward = CombinedReward(config.reward, accelerator.device)
+    train_raw, test_raw = load_splits(config.data)
+    train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train")
+    test_ids, test_columns = prepare_prompts(test_raw, tokenizer, config, "test") if test_raw is not None else (None, None)
+
+    # 4. The trainer (optimizer, schedule, KL controller); resume where a checkpoint left off
+    trainer = PPOTrainer(config, model, tokenizer, accelerator, reference)
+    order = BatchOrder(len(train_ids), trainer.batch_size, accelerator.num_processes, accelerator.process_index, training.seed)
+    if order.batches_per_epoch == 0:
+        raise UserError(f"the prompt set has {len(train_ids)} rows, fewer than one rollout batch "
+                        f"({trainer.batch_size} x {accelerator.num_processes} processes).")
+    iteration = 0
+    if run_.resume_from is not None:
+        state = load_checkpoint(run_.resume_from, accelerator, trainer.unwrapped.policy, trainer.optimizer,
+                                trainer.scheduler, extra_modules={"value_head": trainer.unwrapped.value_head})
+        trainer.load_state_dict(state["trainer"])
+        iteration = state["step"]
+        run_.metrics.truncate_after(iteration)
+        log.info("resumed from %s at iteration %d (episode %d)", run_.resume_from, iteration, trainer.episode)
+    log.info("%d iterations of %d rollouts per process (%d episodes)", trainer.num_iterations, trainer.batch_size, ppo.total_episodes)
+
+    def evaluate_held_out(step: int) -> None:
+        if test_ids is not None:
+            run_.metrics.log(step, held_out_scores(trainer, reward, test_ids, test_columns, training.seed))
+
+    if iteration == 0:
+        evaluate_held_out(0)
+
+    # 5. The loop: generate -> score -> PPO step -> log / samples / checkpoint
+    progress = StepProgress(trainer.num_iterations, "ppo", PROGRESS_KEYS, enabled=accelerator.is_main_process, start=iteration)
+    while iteration < trainer.num_iterations:
+        rows = order.indices(iteration)
+        q, m = left_pad([train_ids[i] for i in rows], tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        rollout = trainer.generate(query_ids=q.to(accelerator.device), query_mask=m.to(accelerator.device))
+        t1 = time.perf_counter()
+        scores, parts = score(reward, rollout, train_columns, rows)
+        t2 = time.perf_counter()
+        stats = trainer.step(rollout, scores)
+        iteration += 1
+        elapsed = time.perf_counter() - t0
+        tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()
+        stats.update({
+            "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
+            "episodes_per_s": len(rows) * accelerator.num_processes / elapsed, "tokens_per_s": tokens / elapsed,
+            **{f"reward/{name}": accelerator.reduce(v.float().mean().to(accelerator.device), "mean").item()
+               for name, v in parts.items()},
+        })
+        if iteration % training.logging_steps == 0 or iteration == trainer.num_iterations:
+            run_.metrics.log(iteration, stats)
+            progress.update(iteration, stats, log_line=True)
+        else:
+            progress.update(iteration, stats)
+        if accelerator.is_main_process and ppo.num_sample_rows and iteration % ppo.sample_steps == 0:
+            write_samples(run_.output_dir, iteration, rollout, scores, ppo.num_sample_rows, progress)
+        if training.eval_steps and iteration % training.eval_steps == 0 and iteration != trainer.num_iterations:
+            evaluate_held_out(iteration)
+        if iteration % training.save_steps == 0 and iteration != trainer.num_iterations:
+            save(run_, trainer, iteration, tokenizer, training.save_total_limit)
+    progress.close()
+
+    # 6. Held-out score, final checkpoint, the model with its value head at the top of output_dir
+    evaluate_held_out(iteration)
+    save(run_, trainer, iteration, tokenizer, training.save_total_limit)
+    replica_checksum(accelerator, trainer.model)
+    if accelerator.is_main_process:
+        unwrapped = trainer.unwrapped
+        save_final_model(unwrapped.policy, tokenizer, run_.output_dir, config.peft)
+        unwrapped.value_head.save(run_.output_dir)
+        log.info("done: %d iterations, %d episodes; policy and value head written to %s",
+                 iteration, trainer.episode, run_.output_dir)
+    finish_run(run_)
+
+
+def save(run_, trainer: PPOTrainer, iteration: int, tokenizer, limit) -> None:
+    save_checkpoint(
+        run_.output_dir, iteration, trainer.accelerator, trainer.unwrapped.policy, trainer.optimizer,
+        trainer.scheduler, {"trainer": trainer.state_dict()}, extra_modules={"value_head": trainer.unwrapped.value_head},
+        tokenizer=tokenizer, save_total_limit=limit,
+    )
+
+
+def write_samples(output_dir, iteration: int, rollout: Rollout, scores: torch.Tensor, n: int, progress) -> None:
+    """A few (prompt, response, reward) rows to samples.jsonl, and as a table on a terminal."""
+    rows = [
+        {"step": iteration, "prompt": p, "response": r, "score": float(s)}
+        for p, r, s in zip(rollout.prompts[:n], rollout.responses[:n], scores[:n].tolist(), strict=True)
+    ]
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if progress.interactive:
+        print_samples(rows)

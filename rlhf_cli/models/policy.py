@@ -1,0 +1,83 @@
+"""The PPO policy (with its value head or a separate critic) and the frozen reference."""
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from rlhf_cli.config.sections import ModelConfig, PeftConfig
+from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import apply_lora
+from rlhf_cli.models.dropout import disable_dropout
+from rlhf_cli.models.loading import load_model
+from rlhf_cli.models.value_head import PolicyWithValue, ValueHead, hidden_size
+
+log = logging.getLogger(__name__)
+
+
+def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str | None = None) -> bool:
+    """Whether `name` (built-in, folder, adapter folder or Hub id) is an encoder-decoder model."""
+    if name.startswith("builtin:"):
+        from rlhf_cli.builtin.models import builtin_config
+
+        return bool(builtin_config(name).is_encoder_decoder)
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.is_file():
+        return is_encoder_decoder(json.loads(adapter.read_text())["base_model_name_or_path"], trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError):
+        return False  # load_model below reports the problem with the name clearly
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None):
+    """(PolicyWithValue, reference or None). The reference is None when the policy trains through a
+    LoRA adapter: then the reference is the same weights with the adapter disabled."""
+    name = model_cfg.model_name_or_path
+    task = "seq2seq-lm" if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision) else "causal-lm"
+    common = {"task": task, "dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code,
+              "revision": model_cfg.revision, "seed": seed}
+    policy = load_model(name, is_trainable=True, **common)
+    adapter = hasattr(policy, "peft_config")
+    if peft_cfg.use_peft and not adapter:
+        policy = apply_lora(policy, peft_cfg, task_type="SEQ_2_SEQ_LM" if task == "seq2seq-lm" else "CAUSAL_LM")
+        adapter = True
+    reference = None
+    if not adapter:
+        reference = load_model(name, **common)
+        disable_dropout(reference)
+    disable_dropout(policy)
+
+    value_head = ValueHead.load(name) if Path(name).is_dir() else None
+    critic_backbone = None
+    if critic is not None:
+        if task != "causal-lm":
+            raise UserError("ppo.value_model_name_or_path: a separate critic is supported for causal policies only.")
+        critic_backbone, value_head = load_critic(critic, model_cfg, seed)
+    elif value_head is not None:
+        log.info("value head loaded from %s", name)
+    if value_head is not None and critic_backbone is None and value_head.summary.in_features != hidden_size(policy):
+        raise UserError(f"{name}: its value head does not match the model's hidden size.")
+    return PolicyWithValue(policy, value_head, critic_backbone), reference
+
+
+def load_critic(name: str, model_cfg: ModelConfig, seed: int):
+    """A separate critic initialised from a reward model: its backbone and its score head as the value head."""
+    classifier = load_model(name, task="sequence-classification", num_labels=1, dtype=model_cfg.dtype,
+                            trust_remote_code=model_cfg.trust_remote_code, seed=seed,
+                            config_key="ppo.value_model_name_or_path")
+    if hasattr(classifier, "merge_and_unload"):
+        classifier = classifier.merge_and_unload()
+    backbone = classifier.base_model
+    head = ValueHead(hidden_size(classifier))
+    score = classifier.score if hasattr(classifier, "score") else None
+    if score is not None and score.weight.shape == head.summary.weight.shape:
+        head.summary.weight.data.copy_(score.weight.data.float())
+        if getattr(score, "bias", None) is not None:
+            head.summary.bias.data.copy_(score.bias.data.float())
+    else:
+        log.warning("critic %s has no scalar `score` head to start from; its value head starts fresh", name)
+    disable_dropout(backbone)
+    return backbone, head

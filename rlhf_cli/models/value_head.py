@@ -1,0 +1,75 @@
+"""A scalar value head on the policy's last hidden state, computed in the policy's own forward pass.
+
+`PolicyWithValue` is what `AutoModelForCausalLMWithValueHead` / `AutoModelForSeq2SeqLMWithValueHead`
+were in TRL: one module, one forward, (logits, values). The head is saved in its own safetensors
+file beside the policy, so the policy folder stays loadable by plain `transformers`.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def hidden_size(model) -> int:
+    config = model.config
+    for name in ("hidden_size", "d_model", "n_embd"):
+        if getattr(config, name, None):
+            return getattr(config, name)
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}")
+
+
+class ValueHead(nn.Module):
+    """hidden (B, T, H) -> value (B, T). Kept in float32 whatever the policy's dtype."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden, 1)
+        # small init, as the reward head of Ziegler et al. 2019: values start near zero
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+    def save(self, folder: str | Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, Path(folder) / VALUE_HEAD_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ValueHead | None":
+        path = Path(folder) / VALUE_HEAD_FILE
+        if not path.exists():
+            return None
+        state = load_file(path)
+        head = cls(state["summary.weight"].shape[1])
+        head.load_state_dict(state)
+        return head
+
+
+class PolicyWithValue(nn.Module):
+    """A causal or seq2seq LM plus a value head, sharing one forward pass.
+
+    Causal: `forward(input_ids, attention_mask, position_ids)` -> logits (B, L, V), values (B, L)
+    Seq2seq: `forward(input_ids, attention_mask, decoder_input_ids=..., decoder_attention_mask=...)`
+             -> decoder logits (B, T, V), values (B, T) (one per decoder position).
+    """
+
+    def __init__(self, policy, value_head: ValueHead | None = None, critic=None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head or ValueHead(hidden_size(critic or policy))
+        self.critic = critic  # optional separate backbone (e.g. the reward model's) for the values
+        self.is_encoder_decoder = bool(getattr(policy.config, "is_encoder_decoder", False))
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.critic is not None:
+            logits = self.policy(**inputs, use_cache=False).logits
+            hidden = self.critic(**inputs).last_hidden_state
+            return logits, self.value_head(hidden)
+        out = self.policy(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        hidden = out.decoder_hidden_states[-1] if self.is_encoder_decoder else out.hidden_states[-1]
+        return out.logits, self.value_head(hidden)

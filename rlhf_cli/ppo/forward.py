@@ -1,0 +1,46 @@
+"""Forward passes over (query, response) batches, for causal and encoder-decoder policies.
+
+Queries are left-padded (B, P); responses right-padded (B, T). For a causal LM the input is the
+concatenation (B, P + T) and the logits that predict response token t sit at position P - 1 + t;
+position ids count only real tokens, so left padding changes nothing (the same positions that
+`generate` used). For an encoder-decoder the query is the encoder input and the response, shifted
+right behind the decoder start token, is the decoder input.
+"""
+
+import torch
+
+
+def causal_inputs(query_ids, query_mask, response_ids, response_mask) -> dict[str, torch.Tensor]:
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def seq2seq_inputs(query_ids, query_mask, response_ids, response_mask, decoder_start_token_id: int) -> dict:
+    start = torch.full_like(response_ids[:, :1], decoder_start_token_id)
+    decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)  # (B, T): shift right
+    decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], dim=1)
+    return {
+        "input_ids": query_ids,
+        "attention_mask": query_mask.long(),
+        "decoder_input_ids": decoder_input_ids,
+        "decoder_attention_mask": decoder_mask,
+    }
+
+
+def model_inputs(config, query_ids, query_mask, response_ids, response_mask) -> dict[str, torch.Tensor]:
+    """The inputs for `config`'s architecture (the policy's HF config)."""
+    if getattr(config, "is_encoder_decoder", False):
+        start = config.decoder_start_token_id
+        if start is None:
+            start = config.pad_token_id
+        return seq2seq_inputs(query_ids, query_mask, response_ids, response_mask, start)
+    return causal_inputs(query_ids, query_mask, response_ids, response_mask)
+
+
+def response_slice(tensor: torch.Tensor, query_len: int, response_len: int, encoder_decoder: bool) -> torch.Tensor:
+    """The positions of a forward's output (B, L, ...) that belong to the response tokens (B, T, ...)."""
+    if encoder_decoder:
+        return tensor
+    return tensor[:, query_len - 1 : query_len - 1 + response_len]

@@ -1,0 +1,97 @@
+"""Batched sampling of responses with a KV cache (Hugging Face `generate`), and prompt encoding.
+
+Prompts are left-padded so every response starts at the same column; generation stops early once
+every row has produced the stop token. The sampling settings are installed as the model's own
+generation config, because `generate` fills unset fields (an absent stop token, say) from it.
+"""
+
+import logging
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GenerationConfig as HFGenerationConfig
+
+from rlhf_cli.config.sections import GenerationConfig
+from rlhf_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def stop_token_id(gen: GenerationConfig, tokenizer) -> int | None:
+    """`eos` -> the tokenizer's EOS id; null -> never stop; other text -> that single token's id."""
+    if gen.stop_token is None:
+        return None
+    if gen.stop_token == "eos":
+        if tokenizer.eos_token_id is None:
+            raise UserError("generation.stop_token: the tokenizer has no EOS token; name a stop token or use null.")
+        return tokenizer.eos_token_id
+    ids = tokenizer.encode(gen.stop_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(
+            f"generation.stop_token: {gen.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one."
+        )
+    return ids[0]
+
+
+def innermost_model(model):
+    """The transformers model under PEFT / DDP wrappers (where `generation_config` lives)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def install_sampling_config(model, gen: GenerationConfig, stop_id: int | None, pad_id: int) -> None:
+    innermost_model(model).generation_config = HFGenerationConfig(
+        do_sample=True,
+        temperature=gen.temperature,
+        top_k=gen.top_k,  # 0 disables
+        top_p=gen.top_p,
+        max_new_tokens=gen.response_length,
+        min_new_tokens=gen.min_response_length or None,
+        eos_token_id=stop_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """(B, P) left-padded queries -> (B, T) sampled response tokens, T <= response_length.
+
+    Rows that stopped early are padded on the right; callers truncate after the stop token.
+    """
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask)
+    if getattr(innermost_model(model).config, "is_encoder_decoder", False):
+        return out[:, 1:]  # drop the decoder start token
+    return out[:, query_ids.shape[1] :]
+
+
+def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompts: str) -> tuple[list[list[int]], int]:
+    """Prompts (strings, or lists of chat messages) -> token ids, and how many were cut.
+
+    Long prompts keep their LAST tokens (the part next to the response) or are refused.
+    """
+    encoded, cut = [], 0
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        elif isinstance(prompt, str) and prompt:
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            raise UserError(f"data row {i}: the prompt must be a non-empty string or a list of messages, got {prompt!r:.80}.")
+        if len(ids) > max_prompt_length:
+            if long_prompts == "reject":
+                raise UserError(
+                    f"data row {i}: the prompt has {len(ids)} tokens, more than data.max_prompt_length "
+                    f"({max_prompt_length}); raise it or set data.long_prompts: truncate_left."
+                )
+            ids, cut = ids[-max_prompt_length:], cut + 1
+        encoded.append(list(ids))
+    return encoded, cut
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids (B, P), mask (B, P)) padded on the left."""
+    tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+    ids = pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True, padding_value=0, padding_side="left")
+    return ids, mask

@@ -1,0 +1,266 @@
+"""The PPO iteration on whole rollout batches: evaluate -> advantages -> clipped updates.
+
+`PPOTrainer` is also the Python API for users who drive the loop themselves:
+
+    trainer = PPOTrainer(config, policy_with_value, tokenizer, accelerator)
+    rollout = trainer.generate(prompts)                 # or trainer.rollout_from(queries, responses)
+    scores = my_reward(rollout.prompts, rollout.responses)   # any function, model or human
+    stats = trainer.step(rollout, scores)               # one PPO update; returns the statistics
+
+Shapes: B rollout rows on this process, P query tokens (left-padded), T response tokens
+(right-padded), V vocabulary.
+"""
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_cli.config.schema import PPOConfig
+from rlhf_cli.models.value_head import PolicyWithValue
+from rlhf_cli.ppo.advantages import gae, whiten_advantages
+from rlhf_cli.ppo.forward import model_inputs, response_slice
+from rlhf_cli.ppo.generation import (
+    encode_prompts,
+    install_sampling_config,
+    left_pad,
+    sample_responses,
+    stop_token_id,
+)
+from rlhf_cli.ppo.kl import kl_per_token, make_kl_controller
+from rlhf_cli.ppo.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.ppo.losses import policy_loss, value_loss
+from rlhf_cli.ppo.masking import lengths_to_mask, masked_mean, masked_var, masked_whiten, truncate_after_stop
+from rlhf_cli.ppo.rewards import apply_missing_eos_penalty, clip_scores, per_token_rewards
+from rlhf_cli.training.optim import make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One batch of (query, response) pairs on this process, with their texts."""
+
+    query_ids: torch.Tensor  # (B, P) left-padded
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T) pad after the stop token
+    response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the stop token
+    stopped: torch.Tensor  # (B,) bool: the response produced the stop token
+    prompts: list[str]
+    responses: list[str]
+
+
+def iterations_of(config: PPOConfig, num_processes: int) -> tuple[int, int]:
+    """(rollout rows per process per iteration, number of iterations)."""
+    t, ppo = config.training, config.ppo
+    local = t.per_device_train_batch_size * t.gradient_accumulation_steps * ppo.num_mini_batches
+    return local, max(1, ppo.total_episodes // (local * num_processes))
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, model: PolicyWithValue, tokenizer, accelerator, reference=None):
+        self.config, self.ppo, self.tokenizer, self.accelerator = config, config.ppo, tokenizer, accelerator
+        self.temperature = config.generation.temperature
+        self.batch_size, self.num_iterations = iterations_of(config, accelerator.num_processes)
+        updates = self.num_iterations * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
+        optimizer = make_optimizer(model.parameters(), config.training)
+        self.scheduler = make_scheduler(optimizer, config.training, updates)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.reference = reference.to(accelerator.device).eval().requires_grad_(False) if reference is not None else None
+        self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.target_kl, self.ppo.kl_horizon)
+        self.stop_id = stop_token_id(config.generation, tokenizer)
+        self.encoder_decoder = self.unwrapped.is_encoder_decoder
+        install_sampling_config(self.unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
+        self.episode = 0
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ rollout
+
+    def encode(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.config.data
+        ids, _ = encode_prompts(prompts, self.tokenizer, d.max_prompt_length, d.long_prompts)
+        q, m = left_pad(ids, self.tokenizer.pad_token_id)
+        return q.to(self.accelerator.device), m.to(self.accelerator.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list | None = None, query_ids=None, query_mask=None) -> Rollout:
+        """Sample one response per query (text prompts, or already-encoded left-padded ids)."""
+        if query_ids is None:
+            query_ids, query_mask = self.encode(prompts)
+        self.model.eval()
+        chunk = self.ppo.local_rollout_forward_batch_size
+        pieces = [
+            sample_responses(self.unwrapped.policy, query_ids[i : i + chunk], query_mask[i : i + chunk])
+            for i in range(0, len(query_ids), chunk)
+        ]
+        width = max(p.shape[1] for p in pieces)
+        pad = self.tokenizer.pad_token_id
+        responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+        return self.rollout_from(query_ids, query_mask, responses)
+
+    def rollout_from(self, query_ids, query_mask, response_ids) -> Rollout:
+        """Truncate raw responses after the stop token and decode both sides."""
+        response_ids, lengths, stopped = truncate_after_stop(response_ids, self.stop_id, self.tokenizer.pad_token_id)
+        mask = lengths_to_mask(lengths, response_ids.shape[1])
+        decode = self.tokenizer.batch_decode
+        return Rollout(
+            query_ids, query_mask, response_ids, mask, stopped,
+            prompts=decode(query_ids, skip_special_tokens=True),
+            responses=decode(response_ids.masked_fill(~mask, self.tokenizer.pad_token_id), skip_special_tokens=True),
+        )
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _inputs(self, r: Rollout, idx) -> tuple[dict, int, int]:
+        q, qm, resp, rm = r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], r.response_mask[idx]
+        return model_inputs(self.unwrapped.policy.config, q, qm, resp, rm), q.shape[1], resp.shape[1]
+
+    def policy_forward(self, r: Rollout, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits (b, T, V) and values (b, T) in ONE forward of the policy with its value head."""
+        inputs, P, T = self._inputs(r, idx)
+        logits, values = self.model(**inputs)
+        return (response_slice(logits, P, T, self.encoder_decoder),
+                response_slice(values, P, T, self.encoder_decoder))
+
+    def reference_logits(self, r: Rollout, idx) -> torch.Tensor:
+        """Reference logits (b, T, V): a frozen copy, or the policy with its LoRA adapter disabled."""
+        inputs, P, T = self._inputs(r, idx)
+        if self.reference is not None:
+            logits = self.reference(**inputs, use_cache=False).logits
+        else:
+            policy = self.unwrapped.policy
+            with policy.disable_adapter():
+                logits = policy(**inputs, use_cache=False).logits
+        return response_slice(logits, P, T, self.encoder_decoder)
+
+    @torch.no_grad()
+    def evaluate(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Old log-probs, values and reference log-probs (each (B, T)), in micro-batches, no grad."""
+        self.model.eval()
+        chunk = self.ppo.local_rollout_forward_batch_size
+        logprobs, values, ref_logprobs = [], [], []
+        for start in range(0, len(r.query_ids), chunk):
+            idx = slice(start, start + chunk)
+            logits, v = self.policy_forward(r, idx)
+            logprobs.append(logprobs_from_logits(logits, r.response_ids[idx], self.temperature))
+            values.append(v.float())
+            ref = self.reference_logits(r, idx)
+            ref_logprobs.append(logprobs_from_logits(ref, r.response_ids[idx], self.temperature))
+        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+
+    # ------------------------------------------------------------------ the PPO step
+
+    def step(self, r: Rollout, scores: torch.Tensor) -> dict[str, float]:
+        """One PPO update on a rollout and its scores (B,); returns the iteration's statistics."""
+        device, ppo = self.accelerator.device, self.ppo
+        mask = r.response_mask
+        started = time.perf_counter()
+
+        # 1. Old log-probs, values, reference log-probs
+        logprobs, values, ref_logprobs = self.evaluate(r)
+        values = values.masked_fill(~mask, 0.0)
+
+        # 2. Scores -> per-token rewards (KL penalty on every token, the score on the last)
+        raw_scores = scores.to(device).float()
+        scores = clip_scores(apply_missing_eos_penalty(raw_scores, r.stopped, ppo.missing_eos_penalty), ppo.reward_clip)
+        kl = kl_per_token(logprobs, ref_logprobs, ppo.kl_estimator).masked_fill(~mask, 0.0)
+        rewards, non_score = per_token_rewards(scores, kl, mask, self.kl_ctl.value)
+        if ppo.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+        # 3. Advantages (GAE over valid tokens), whitened over valid tokens
+        advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        advantages = whiten_advantages(advantages, mask)
+
+        # 4. num_ppo_epochs x num_mini_batches clipped updates
+        update_stats = self._update(r, logprobs, values, advantages, returns)
+
+        # 5. Adaptive KL, statistics
+        mean_kl = self._mean(kl.sum(1))
+        self.kl_ctl.update(mean_kl, len(r.query_ids) * self.accelerator.num_processes)
+        self.episode += len(r.query_ids) * self.accelerator.num_processes
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/entropy": self._mean((-logprobs).masked_fill(~mask, 0.0).sum(1)),
+            "objective/non_score_reward": self._mean(non_score.sum(1)),
+            "objective/rlhf_reward": self._mean(non_score.sum(1) + scores),
+            "objective/scores": self._mean(raw_scores),
+            "objective/kl_coef": self.kl_ctl.value,
+            "val/num_eos_tokens": float(self.accelerator.reduce(r.stopped.sum().float(), "sum").item()),
+            "val/response_length": self._mean(mask.sum(1).float()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "episode": self.episode,
+            "time/update_s": time.perf_counter() - started,
+            **update_stats,
+        }
+        return stats
+
+    def _mean(self, x: torch.Tensor) -> float:
+        return self.accelerator.reduce(x.float().mean(), "mean").item()
+
+    def _update(self, r: Rollout, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+        ppo, training = self.ppo, self.config.training
+        rows = len(r.query_ids)
+        mini = rows // ppo.num_mini_batches
+        micro = training.per_device_train_batch_size
+        accum = max(1, mini // micro)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        self.model.train()
+        for _ in range(ppo.num_ppo_epochs):
+            order = torch.randperm(rows, device=old_logprobs.device)
+            for m in range(ppo.num_mini_batches):
+                mini_idx = order[m * mini : (m + 1) * mini]
+                for a in range(accum):
+                    idx = mini_idx[a * micro : (a + 1) * micro]
+                    sync = contextlib.nullcontext() if a == accum - 1 else self.accelerator.no_sync(self.model)
+                    with sync, self.accelerator.autocast():
+                        stats = self._micro_step(r, idx, old_logprobs, old_values, advantages, returns, accum)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    count += 1
+                if training.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(params, training.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        means = torch.stack([v / count for v in sums.values()])
+        means = self.accelerator.reduce(means, "mean")
+        return dict(zip(sums, means.tolist(), strict=True))
+
+    def _micro_step(self, r: Rollout, idx, old_logprobs, old_values, advantages, returns, accum: int) -> dict:
+        """Forward, losses and backward of one micro-batch; returns detached statistics."""
+        mask = r.response_mask[idx]
+        logits, values = self.policy_forward(r, idx)
+        logprobs = logprobs_from_logits(logits, r.response_ids[idx], self.temperature)
+        pg_loss, pg = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, self.ppo.cliprange)
+        vf_loss, vf = value_loss(values.float(), old_values[idx], returns[idx], mask, self.ppo.cliprange_value)
+        entropy = masked_mean(entropy_from_logits(logits, self.temperature), mask)
+        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * entropy
+        self.accelerator.backward(loss / accum)
+        ratio_var = masked_var(torch.exp(logprobs - old_logprobs[idx]).detach(), mask)
+        return {
+            "policy/approxkl_avg": pg["approxkl"].detach(),
+            "policy/clipfrac_avg": pg["clipfrac"].detach(),
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf["clipfrac"].detach(),
+            "policy/entropy_avg": entropy.detach(),
+            "val/ratio": pg["ratio"].detach(),
+            "val/ratio_var": ratio_var,
+        }
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict:
+        return {"episode": self.episode, "kl_controller": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episode = state["episode"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
