@@ -34,13 +34,24 @@ def check_reward(reward: Any) -> None:
         check_reward_source(reward, "reward")
 
 
+def check_eval(config: Any) -> None:
+    if not config.eval.models:
+        raise UserError("eval.models: list at least one model to evaluate.")
+    sources = len(config.reward.sources) or 1
+    if config.eval.win_rate_source >= sources:
+        raise UserError(
+            f"eval.win_rate_source: {config.eval.win_rate_source} is not a reward source; the reward has "
+            f"{sources} source{'s' if sources > 1 else ''} (indices 0 to {sources - 1})."
+        )
+
+
 def check_stage(stage: str, config: Any) -> None:
     if hasattr(config, "training"):
         check_training(config.training)
     if stage in ("ppo", "eval"):
         check_reward(config.reward)
-    if stage == "eval" and not config.eval.models:
-        raise UserError("eval.models: list at least one model to evaluate.")
+    if stage == "eval":
+        check_eval(config)
     if stage == "ppo":
         ppo, training = config.ppo, config.training
         rollout = training.per_device_train_batch_size * training.gradient_accumulation_steps * ppo.num_mini_batches

@@ -111,17 +111,35 @@ class EvalOptions:
     models: list[str] = option(
         [], "Models to evaluate: folders (rlhf outputs, with adapters or value heads), `builtin:` or Hub names."
     )
-    baseline_model: str | None = option(None, "Model the others' win rate is measured against.")
-    reference_model: str | None = option(None, "Model the KL of each evaluated model is measured to.")
-    win_rate_source: int = option(0, "Index of the reward source that decides wins.", min=0)
-    num_prompts: int = option(128, "Held-out prompts to generate from.", min=1)
+    baseline_model: str | None = option(
+        None,
+        "Model the others' win rate is measured against (evaluated too when it is not in eval.models); "
+        "null skips win rates.",
+    )
+    reference_model: str | None = option(
+        None, "Model the KL of each evaluated model is measured to (same vocabulary); null skips KL."
+    )
+    win_rate_source: int = option(
+        0, "Index (in reward.sources) of the reward source that decides wins and is plotted.", min=0
+    )
+    num_prompts: int = option(128, "Held-out prompts to generate from (the first rows of the test split).", min=1)
     samples_per_prompt: int = option(1, "Responses per prompt and model.", min=1)
     perplexity_dataset: str | None = option(
-        None, "A text dataset (name or file, `text` column) for held-out perplexity; null skips it."
+        None, "A text dataset (name or file) for held-out perplexity of each causal model; null skips it."
     )
-    seed: int = option(0, "Sampling seed (the same for every model).", min=0)
-    output_dir: str = option("outputs/eval", "Folder for eval.json, samples.jsonl and the plots.")
-    batch_size: int = option(32, "Prompts per generation batch.", min=1)
+    perplexity_split: str = option(
+        "test", "Split of perplexity_dataset to score (a dataset with a single split uses that one)."
+    )
+    perplexity_text_column: str = option("text", "Column of perplexity_dataset holding the text.")
+    perplexity_max_samples: int | None = option(
+        None, "Score at most this many texts of perplexity_dataset (null: all).", min=1
+    )
+    seed: int = option(0, "Sampling seed, the same for every model (batch b is sampled with seed + b).", min=0)
+    output_dir: str = option(
+        "outputs/eval", "Folder for eval.json, samples.jsonl, plots.json and the PNG plots."
+    )
+    batch_size: int = option(32, "Rows (prompt x sample) per generation and forward batch.", min=1)
+    plots: bool = option(True, "Draw PNG plots (needs matplotlib: pip install 'rlhf-cli[plots]').")
 
 
 @dataclass
