@@ -40,7 +40,8 @@ def innermost_model(model):
 
 
 def install_sampling_config(model, gen: GenerationConfig, stop_id: int | None, pad_id: int) -> None:
-    innermost_model(model).generation_config = HFGenerationConfig(
+    inner = innermost_model(model)
+    inner.generation_config = HFGenerationConfig(
         do_sample=True,
         temperature=gen.temperature,
         top_k=gen.top_k,  # 0 disables
@@ -49,6 +50,8 @@ def install_sampling_config(model, gen: GenerationConfig, stop_id: int | None, p
         min_new_tokens=gen.min_response_length or None,
         eos_token_id=stop_id,
         pad_token_id=pad_id,
+        bos_token_id=inner.config.bos_token_id,
+        decoder_start_token_id=getattr(inner.config, "decoder_start_token_id", None),
         use_cache=True,
     )
 
