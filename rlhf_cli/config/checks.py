@@ -52,6 +52,9 @@ def check_stage(stage: str, config: Any) -> None:
         check_reward(config.reward)
     if stage == "eval":
         check_eval(config)
+    opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)
+    if opening is not None and (len(opening) != 2 or opening[0] > opening[1]):
+        raise UserError(f"data.prompt_opening_tokens: expected [min, max] with min <= max, got {opening}.")
     if stage == "ppo":
         ppo, training = config.ppo, config.training
         rollout = training.per_device_train_batch_size * training.gradient_accumulation_steps * ppo.num_mini_batches

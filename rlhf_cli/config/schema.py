@@ -57,6 +57,12 @@ class PromptDataConfig(DataConfig):
         "Prompts longer than max_prompt_length: keep their last tokens, or stop with an error.",
         choices=("truncate_left", "reject"),
     )
+    prompt_opening_tokens: list[int] | None = option(
+        None,
+        "[min, max]: use only the first k tokens of each prompt, k drawn per row between min and max "
+        "(seeded by world_seed) — the classic IMDB setup of review openings as prompts.",
+        min=1,
+    )
 
 
 @dataclass

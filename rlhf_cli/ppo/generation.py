@@ -6,6 +6,7 @@ generation config, because `generate` fills unset fields (an absent stop token, 
 """
 
 import logging
+import random
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -90,6 +91,23 @@ def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompt
             ids, cut = ids[-max_prompt_length:], cut + 1
         encoded.append(list(ids))
     return encoded, cut
+
+
+def encode_prompt_set(prompts: list, tokenizer, data, what: str = "prompts") -> list[list[int]]:
+    """Encode a whole prompt set as `data` (a PromptDataConfig) says: length limit, then openings.
+
+    With `prompt_opening_tokens: [min, max]` each prompt keeps only its first k tokens, k drawn per
+    row from a generator seeded by `world_seed`, so every run and every model sees the same prompts.
+    """
+    ids, cut = encode_prompts(prompts, tokenizer, data.max_prompt_length, data.long_prompts)
+    if cut:
+        log.warning("%d of %d %s were longer than %d tokens and keep their last tokens",
+                    cut, len(ids), what, data.max_prompt_length)
+    if data.prompt_opening_tokens:
+        low, high = data.prompt_opening_tokens
+        rng = random.Random(data.world_seed)
+        ids = [row[: rng.randint(low, high)] for row in ids]
+    return ids
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

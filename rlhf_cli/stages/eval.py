@@ -24,7 +24,7 @@ from rlhf_cli.evaluation.sampling import (
     load_eval_tokenizer,
     sample_model,
 )
-from rlhf_cli.ppo.generation import encode_prompts
+from rlhf_cli.ppo.generation import encode_prompt_set
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.training.metrics import read_metrics
 from rlhf_cli.training.output import prepare_output_dir, write_run_files
@@ -133,10 +133,7 @@ def run(config: EvalConfig, resume: bool = False, overwrite: bool = False) -> No
     for name, key in models:
         started = time.perf_counter()
         lm = reference if name == opts.reference_model else EvalModel(name, device, key, tokenizers[name])
-        ids, cut = encode_prompts(prompts, lm.tokenizer, config.data.max_prompt_length, config.data.long_prompts)
-        if cut:
-            log.warning("%s: %d prompts were longer than %d tokens and keep their last tokens", name, cut,
-                        config.data.max_prompt_length)
+        ids = encode_prompt_set(prompts, lm.tokenizer, config.data, f"prompts for {name}")
         samples = sample_model(lm, repeat_rows(ids, opts.samples_per_prompt), gen, opts.seed, opts.batch_size, reference)
         combined, parts = reward.score(samples.prompts, samples.responses, row_columns)
         label = labels[name]

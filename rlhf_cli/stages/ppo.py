@@ -12,7 +12,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import save_final_model
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.ppo.generation import encode_prompts, left_pad
+from rlhf_cli.ppo.generation import encode_prompt_set, left_pad
 from rlhf_cli.ppo.trainer import PPOTrainer, Rollout
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.stages.common import finish_run, start_run
@@ -29,10 +29,7 @@ def prepare_prompts(dataset, tokenizer, config: PPOConfig, split: str) -> tuple[
     """Token ids of every prompt (encoded once) and the other columns (passed to reward functions)."""
     column = config.data.prompt_column
     require_columns(dataset, {"data.prompt_column": column}, f"{config.data.dataset_name} ({split})")
-    ids, cut = encode_prompts(dataset[column], tokenizer, config.data.max_prompt_length, config.data.long_prompts)
-    if cut:
-        log.warning("%d of %d %s prompts were longer than %d tokens and keep their last tokens",
-                    cut, len(ids), split, config.data.max_prompt_length)
+    ids = encode_prompt_set(dataset[column], tokenizer, config.data, f"{split} prompts")
     columns = {c: dataset[c] for c in dataset.column_names if c != column}
     return ids, columns
 

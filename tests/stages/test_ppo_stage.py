@@ -1,0 +1,257 @@
+"""`rlhf ppo` end to end through the real CLI, on the built-in world."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_cli.models.value_head import ValueHead
+from rlhf_cli.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TRL_KEYS = (
+    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
+    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
+    "val/num_eos_tokens", "lr", "episode", "episodes_per_s", "tokens_per_s", "time/generate_s", "time/score_s",
+    "time/update_s",
+)
+
+
+def ppo_config(out: Path, model: str = "builtin:tiny-gpt2", extra: str = "") -> str:
+    return textwrap.dedent(f"""\
+        stage: ppo
+        model:
+          model_name_or_path: {model}
+        data:
+          dataset_name: builtin:review-prompts
+          max_eval_samples: 32
+        generation:
+          response_length: 12
+        reward:
+          function: builtin:sentiment
+        training:
+          output_dir: {out}
+          learning_rate: 1e-3
+          per_device_train_batch_size: 8
+          logging_steps: 1
+          save_steps: 2
+        ppo:
+          total_episodes: 48
+          num_mini_batches: 2
+          num_ppo_epochs: 2
+          sample_steps: 1
+        """) + extra
+
+
+def eval_scores(out: Path) -> list[float]:
+    return [row["eval/scores"] for row in read_metrics(out) if "eval/scores" in row]
+
+
+def test_ppo_end_to_end_writes_what_a_user_needs(cli, tmp_path, write_yaml):
+    out = tmp_path / "out"
+    result = cli("ppo", str(write_yaml("ppo.yaml", ppo_config(out))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "config.json",
+                 "model.safetensors", "value_head.safetensors", "tokenizer.json", "checkpoint-3"):
+        assert (out / name).exists(), name
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "objective/kl" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(key in train_rows[-1] for key in TRL_KEYS)
+    assert train_rows[-1]["episode"] == 48
+    assert rows[0]["step"] == 0 and "eval/scores" in rows[0] and "eval/scores" in rows[-1]
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert set(sample) == {"step", "prompt", "response", "score"}
+    # the policy folder is plain transformers; the value head loads back beside it
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generated = model.generate(**tokenizer("I watched", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > 2
+    head = ValueHead.load(out)
+    assert head is not None and head.summary.in_features == model.config.n_embd
+    # the resolved config reproduces the run
+    rerun = cli("validate", str(out / "config.yaml"))
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def test_imdb_config_runs_with_builtin_twins(cli, tmp_path):
+    """configs/imdb.yaml needs the Hub and a GPU; the same file runs here with its models and data
+    swapped for built-in twins through --set."""
+    out = tmp_path / "imdb"
+    result = cli(
+        "ppo", "configs/imdb.yaml", "--output-dir", str(out),
+        "--set", "model.model_name_or_path=builtin:tiny-gpt2",
+        "--set", "reward.model=null", "--set", "reward.function=builtin:sentiment", "--set", "reward.label=null",
+        "--set", "data.dataset_name=builtin:review-prompts", "--set", "data.prompt_column=prompt",
+        "--set", "ppo.total_episodes=32", "--set", "training.per_device_train_batch_size=8",
+        "--set", "training.gradient_accumulation_steps=1", "--set", "ppo.num_mini_batches=2",
+        "--set", "data.max_eval_samples=16",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "value_head.safetensors").exists()
+
+
+def write_reward_module(folder: Path) -> None:
+    (folder / "my_rewards.py").write_text(textwrap.dedent("""\
+        def length(prompts, responses, **columns):
+            return [len(r.split()) / 10 for r in responses]
+        def raises(prompts, responses, **columns):
+            raise RuntimeError("the judge is asleep")
+        def short(prompts, responses, **columns):
+            return [0.0]
+        def nan(prompts, responses, **columns):
+            return [float("nan")] * len(responses)
+        """))
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("my_rewards:raises", "reward.function: my_rewards:raises raised RuntimeError: the judge is asleep"),
+        ("my_rewards:short", "returned 1 values for 32 responses"),  # the held-out check at step 0
+        ("my_rewards:nan", "returned a non-finite value (nan)"),
+        ("my_rewards:missing", "module 'my_rewards' has no attribute 'missing'"),
+        ("no_such_module:fn", "cannot import module 'no_such_module'"),
+    ],
+)
+def test_reward_function_errors_exit_2(cli, tmp_path, write_yaml, function, message):
+    write_reward_module(tmp_path)
+    config = write_yaml("ppo.yaml", ppo_config(tmp_path / "out"))
+    result = cli("ppo", str(config), "--set", f"reward.function={function}", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_weighted_sources_reward_model_with_own_tokenizer_and_normalisation(cli, tmp_path, write_yaml):
+    """Two sources: a rule (Python function) and a sequence-classification model with its own
+    tokenizer (MiniLM's), normalised with saved statistics; each is logged, the sum is the score."""
+    from rlhf_cli.models.loading import load_model, load_tokenizer
+
+    write_reward_module(tmp_path)
+    rm_dir = tmp_path / "rm"
+    load_model("builtin:minilm", task="sequence-classification", num_labels=1).save_pretrained(rm_dir)
+    load_tokenizer("builtin:minilm").save_pretrained(rm_dir)
+    (rm_dir / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    extra = textwrap.dedent(f"""\
+        reward:
+          sources:
+            - function: my_rewards:length
+              weight: 2.0
+            - model: {rm_dir}
+              normalize: true
+              weight: 0.5
+        """)
+    text = ppo_config(tmp_path / "out").replace("reward:\n  function: builtin:sentiment\n", "") + extra
+    result = cli("ppo", str(write_yaml("ppo.yaml", text)), "--set", "ppo.total_episodes=16",
+                 env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = [r for r in read_metrics(tmp_path / "out") if "objective/scores" in r][-1]
+    combined = 2.0 * row["reward/my_rewards:length"] + 0.5 * row["reward/rm"]
+    assert row["objective/scores"] == pytest.approx(combined, abs=1e-5)
+
+
+def test_classifier_label_as_reward(tmp_path):
+    """A two-label classifier rewards through one label's logit or probability."""
+    from rlhf_cli.config.sections import RewardSourceConfig
+    from rlhf_cli.models.loading import load_model, load_tokenizer
+    from rlhf_cli.rewards.model import ModelReward
+
+    clf_dir = tmp_path / "clf"
+    model = load_model("builtin:tiny-gpt2", task="sequence-classification", num_labels=2)
+    model.config.id2label, model.config.label2id = {0: "NEGATIVE", 1: "POSITIVE"}, {"NEGATIVE": 0, "POSITIVE": 1}
+    model.save_pretrained(clf_dir)
+    load_tokenizer("builtin:tiny-gpt2").save_pretrained(clf_dir)
+    texts = (["It was", "So"], [" great.", " a mess, honestly."])
+    logit = ModelReward(RewardSourceConfig(model=str(clf_dir), label="POSITIVE"), torch.device("cpu"))(*texts)
+    prob = ModelReward(RewardSourceConfig(model=str(clf_dir), label="positive", output="probability"),
+                       torch.device("cpu"))(*texts)
+    both = ModelReward(RewardSourceConfig(model=str(clf_dir), label="1"), torch.device("cpu"))
+    direct = both.model(**both.tokenizer([p + r for p, r in zip(*texts, strict=True)], return_tensors="pt", padding=True)).logits
+    assert torch.allclose(logit, direct[:, 1], atol=1e-5)
+    assert torch.allclose(prob, direct.softmax(-1)[:, 1], atol=1e-5)
+
+
+def test_resume_continues_the_same_curve(cli, tmp_path, write_yaml):
+    """Stopped after checkpoint-2 and resumed, a run logs exactly the rows of an uninterrupted run
+    and ends with the same weights (policy and value head)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli("ppo", str(write_yaml("full.yaml", ppo_config(full)))).returncode == 0
+    assert cli("ppo", str(write_yaml("cut.yaml", ppo_config(cut)))).returncode == 0
+    # make `cut` look like a run killed right after writing checkpoint-2
+    for path in cut.iterdir():
+        if path.name not in ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoint-2"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = cli("ppo", str(cut / "config.yaml"), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    drop = ("time/", "_per_s")  # wall-clock figures differ between runs
+    strip = [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in read_metrics(full)]
+    strip_cut = [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in read_metrics(cut)]
+    assert strip_cut == strip
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(full / name), load_file(cut / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, write_yaml):
+    config = write_yaml("ppo.yaml", ppo_config(tmp_path / "out"))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf_cli", "ppo", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 processes, cpu)" in result.stderr
+    assert "all 2 processes hold identical weights" in result.stderr
+    rows = [r for r in read_metrics(tmp_path / "out") if "episode" in r]
+    assert rows[-1]["episode"] == 32  # one iteration: 8 rows x 2 mini-batches on each of 2 processes
+
+
+LEARN = textwrap.dedent("""\
+    data:
+      dataset_name: builtin:review-prompts
+      max_eval_samples: 64
+    generation:
+      response_length: 16
+      temperature: 1.0
+    training:
+      per_device_train_batch_size: 32
+      logging_steps: 5
+      save_steps: 1000
+      eval_steps: 1000
+    ppo:
+      total_episodes: 1280
+      num_mini_batches: 2
+      num_ppo_epochs: 4
+      kl_coef: 0.05
+      sample_steps: 1000
+    """)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variant", "overrides", "min_gain"),
+    [
+        ("full", ["training.learning_rate=1e-3"], 0.2),
+        ("lora", ["training.learning_rate=5e-3", "peft.use_peft=true", "peft.lora_r=16"], 0.1),
+    ],
+)
+def test_ppo_raises_held_out_sentiment_with_bounded_kl(cli, tmp_path, write_yaml, tiny_sft_model, variant, overrides, min_gain):
+    out = tmp_path / variant
+    text = ppo_config(out, model=str(tiny_sft_model)).split("data:")[0] + LEARN.replace("training:\n", f"training:\n  output_dir: {out}\n")
+    text += "reward:\n  function: builtin:sentiment\n"
+    args = [a for o in overrides for a in ("--set", o)]
+    result = cli("ppo", str(write_yaml(f"{variant}.yaml", text)), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, *_, after = eval_scores(out)
+    kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
+    assert after - before >= min_gain, (before, after)
+    assert max(kl) < 25.0, kl
