@@ -94,7 +94,10 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
         iteration = state["step"]
         run_.metrics.truncate_after(iteration)
         log.info("resumed from %s at iteration %d (episode %d)", run_.resume_from, iteration, trainer.episode)
-    log.info("%d iterations of %d rollouts per process (%d episodes)", trainer.num_iterations, trainer.batch_size, ppo.total_episodes)
+    planned = trainer.num_iterations * trainer.batch_size * accelerator.num_processes
+    log.info("%d iterations x %d rollouts per process x %d process(es) = %d episodes%s", trainer.num_iterations,
+             trainer.batch_size, accelerator.num_processes, planned,
+             "" if planned == ppo.total_episodes else f" (total_episodes {ppo.total_episodes} rounded to whole iterations)")
 
     def evaluate_held_out(step: int) -> None:
         if test_ids is not None:

@@ -1,5 +1,6 @@
 """The Accelerator for a run: processes, device, mixed precision, trackers, seeding."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from accelerate.utils import set_seed
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def mixed_precision(training: TrainingConfig) -> str:
@@ -55,4 +58,7 @@ def replica_checksum(accelerator: Accelerator, model) -> float:
     everyone = accelerator.gather(local.unsqueeze(0))  # (processes, 2 * params)
     if not bool((everyone == everyone[0]).all()):
         raise RuntimeError("data-parallel processes ended with different weights; the run is not consistent")
-    return float(local.sum())
+    checksum = float(local.sum())
+    if accelerator.num_processes > 1:
+        log.info("all %d processes hold identical weights (checksum %.6e)", accelerator.num_processes, checksum)
+    return checksum

@@ -184,6 +184,7 @@ def train_loop(
             window, window_start = {}, time.perf_counter()
         else:
             progress.update(step)
+        paused = time.perf_counter()  # time spent evaluating and checkpointing is not training throughput
         if evaluate is not None and training.eval_steps and step % training.eval_steps == 0 and step != total:
             metrics.log(step, evaluate(model))
             model.train()
@@ -192,6 +193,7 @@ def train_loop(
                 output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
                 tokenizer=tokenizer, save_total_limit=training.save_total_limit,
             )
+        window_start += time.perf_counter() - paused
     progress.close()
 
     # 5. Final evaluation and checkpoint (the final model itself is written by the stage)
@@ -203,8 +205,5 @@ def train_loop(
         output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
         tokenizer=tokenizer, save_total_limit=training.save_total_limit,
     )
-    checksum = replica_checksum(accelerator, model)
-    if accelerator.num_processes > 1:
-        log.info("all %d processes hold identical weights (checksum %.6e)", accelerator.num_processes, checksum)
-    state.update(step=step, totals=totals, model=model, weights_checksum=checksum)
+    state.update(step=step, totals=totals, model=model, weights_checksum=replica_checksum(accelerator, model))
     return state

@@ -102,9 +102,9 @@ def test_set_overrides_parse_to_field_type(write_yaml, override, getter, expecte
 
 def test_override_errors():
     assert "expected key.path=value" in error_of(parse_override, "training.seed")
-    assert "training.sed: unknown key; did you mean training.seed?" == error_of(
+    assert error_of(
         build_stage, "sft", apply_overrides({}, ["training.sed=3"])
-    )
+    ) == "training.sed: unknown key; did you mean training.seed?"
 
 
 def test_stage_key_must_match_the_subcommand(write_yaml):

@@ -209,7 +209,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, write_yaml):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 processes, cpu)" in result.stderr
+    assert "(2 processes, cpu" in result.stderr
     assert "all 2 processes hold identical weights" in result.stderr
     rows = [r for r in read_metrics(tmp_path / "out") if "episode" in r]
     assert rows[-1]["episode"] == 32  # one iteration: 8 rows x 2 mini-batches on each of 2 processes
