@@ -46,7 +46,7 @@ def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic:
         adapter = True
     reference = None
     if not adapter:
-        reference = load_model(name, **common)
+        reference = load_model(name, **common).eval().requires_grad_(False)
         disable_dropout(reference)
     disable_dropout(policy)
 

@@ -68,7 +68,7 @@ class PPOTrainer:
         optimizer = make_optimizer(model.parameters(), config.training)
         self.scheduler = make_scheduler(optimizer, config.training, updates)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.reference = reference.to(accelerator.device).eval().requires_grad_(False) if reference is not None else None
+        self.reference = reference.to(accelerator.device).eval() if reference is not None else None
         self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.target_kl, self.ppo.kl_horizon)
         self.stop_id = stop_token_id(config.generation, tokenizer)
         self.encoder_decoder = self.unwrapped.is_encoder_decoder
