@@ -19,6 +19,7 @@ from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import BatchOrder
+from rlhf_cli.training.metrics import truncate_jsonl
 from rlhf_cli.training.progress import StepProgress, print_samples
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
         trainer.load_state_dict(state["trainer"])
         iteration = state["step"]
         run_.metrics.truncate_after(iteration)
+        if accelerator.is_main_process:
+            truncate_jsonl(run_.output_dir / "samples.jsonl", iteration)
         log.info("resumed from %s at iteration %d (episode %d)", run_.resume_from, iteration, trainer.episode)
     planned = trainer.num_iterations * trainer.batch_size * accelerator.num_processes
     log.info("%d iterations x %d rollouts per process x %d process(es) = %d episodes%s", trainer.num_iterations,

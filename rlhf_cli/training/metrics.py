@@ -36,11 +36,17 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (they belong to work the resumed run will redo)."""
-        if not self.enabled or not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if self.enabled:
+            truncate_jsonl(self.path, step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines file whose `step` is <= step (a resumed run redoes the rest)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(folder: str | Path) -> list[dict]:

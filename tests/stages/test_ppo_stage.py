@@ -194,6 +194,7 @@ def test_resume_continues_the_same_curve(cli, tmp_path, write_yaml):
     strip = [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in read_metrics(full)]
     strip_cut = [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in read_metrics(cut)]
     assert strip_cut == strip
+    assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()
     from safetensors.torch import load_file
 
     for name in ("model.safetensors", "value_head.safetensors"):
