@@ -1,5 +1,6 @@
 """Load a dataset by name through `datasets`: built-ins, local files, `save_to_disk` folders, the Hub."""
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -39,10 +40,22 @@ def _load_file(path: Path) -> DatasetDict:
     if path.stat().st_size == 0:
         raise UserError(f"data.dataset_name: {path} is empty; it needs at least one row.")
     try:
-        return datasets.load_dataset(builder, data_files={"train": str(path)})
+        with _quiet_datasets_logger():  # datasets logs the parser's traceback before raising
+            return datasets.load_dataset(builder, data_files={"train": str(path)})
     except Exception as err:  # datasets wraps parser errors in several exception types
         cause = err.__cause__ or err
         raise UserError(f"data.dataset_name: could not read {path} as {builder}: {cause}".rstrip(".") + ".") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets_logger():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_folder(path: Path) -> DatasetDict:

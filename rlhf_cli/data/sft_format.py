@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset
+from jinja2 import TemplateError
 
 from rlhf_cli.config.schema import SFTDataConfig
 from rlhf_cli.errors import UserError
@@ -84,9 +85,15 @@ def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfi
     elif fmt == "messages":
         messages = _messages(row, cfg.messages_column, index)
         _check_chat_template(tokenizer, needs_generation_tags=cfg.completion_only_loss)
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=cfg.completion_only_loss
-        )
+        try:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=cfg.completion_only_loss
+            )
+        except TemplateError as err:  # the template rejects the conversation (unknown role, bad order, ...)
+            raise UserError(
+                f"data row {index}: column {cfg.messages_column!r}: the chat template rejects these messages "
+                f"({err}); fix or remove the row."
+            ) from None
         ids = list(out["input_ids"])
         labels = _mask_labels(ids, out["assistant_masks"]) if cfg.completion_only_loss else list(ids)
     else:
