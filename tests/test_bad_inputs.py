@@ -83,7 +83,7 @@ CONFIG_CASES = [
     ("yaml-tab-indent", "sft", "model:\n\tmodel_name_or_path: x\n", [], ["invalid YAML"]),
     ("top-level-list", "sft", "- a\n- b\n", [], ["must be a mapping"]),
     ("top-level-scalar", "sft", "just words\n", [], ["must be a mapping"]),
-    ("python-object-tag", "sft", "model: !!python/object/apply:os.system ['echo owned']\n", [], ["invalid YAML"]),
+    ("python-object-tag", "sft", "model: !!python/object/apply:os.system ['echo owned']\n", [], ["invalid YAML", "no `!!` tags"]),
     ("unknown-section", "sft", with_value(SFT_BASE, "trainer.max_steps", 1), [], ["trainer"]),
     ("typo-key", "sft", with_value(SFT_BASE, "training.learning_rat", 1e-4), [], ["training.learning_rat", "learning_rate"]),
     ("wrong-type-float", "sft", with_value(SFT_BASE, "training.learning_rate", "fast"), [], ["training.learning_rate"]),

@@ -41,6 +41,8 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: safe_load builds no objects
+            problem += "; configs hold plain values only (no `!!` tags): remove the tag"
         raise UserError(f"{path}{where}: invalid YAML: {problem}.") from None
     if data is None:
         return {}
