@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback),
 
 import dataclasses
 import importlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ import typer
 from rlhf_cli.config.loader import apply_overrides, build_stage, infer_stage, load_raw, output_dir_key
 from rlhf_cli.config.reference import text_reference
 from rlhf_cli.config.schema import STAGES
-from rlhf_cli.errors import NotBuiltYet, UserError
+from rlhf_cli.errors import Interrupted, NotBuiltYet, UserError
 
 app = typer.Typer(
     help="Train transformer language models with reinforcement learning from feedback, from YAML configs.",
@@ -122,3 +123,14 @@ def main() -> None:
     except (UserError, NotBuiltYet) as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except Interrupted as err:  # SIGTERM / Ctrl-C: a checkpoint was saved; exit 128 + signal, as a shell does
+        typer.echo(f"interrupted: {err} Resume with: {resume_command(sys.argv)}", err=True)
+        sys.exit(err.exit_code)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run (`rlhf run` resumes by itself)."""
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    if args and args[0] != "run" and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["rlhf", *args])

@@ -16,6 +16,7 @@ from rlhf_cli.ppo.generation import encode_prompt_set, left_pad
 from rlhf_cli.ppo.trainer import PPOTrainer, Rollout
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.training import signals
 from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import BatchOrder
@@ -111,6 +112,7 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
 
     # 5. The loop: generate -> score -> PPO step -> log / samples / checkpoint
     progress = StepProgress(trainer.num_iterations, "ppo", PROGRESS_KEYS, enabled=accelerator.is_main_process, start=iteration)
+    signals.install()  # SIGTERM / Ctrl-C: checkpoint after this iteration, then stop (training/signals.py)
     while iteration < trainer.num_iterations:
         rows = order.indices(iteration)
         q, m = left_pad([train_ids[i] for i in rows], tokenizer.pad_token_id)
@@ -138,9 +140,15 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
             write_samples(run_.output_dir, iteration, rollout, scores, ppo.num_sample_rows, progress)
         if training.eval_steps and iteration % training.eval_steps == 0 and iteration != trainer.num_iterations:
             evaluate_held_out(iteration)
-        if iteration % training.save_steps == 0 and iteration != trainer.num_iterations:
+        stop = signals.stop_requested(accelerator) if iteration != trainer.num_iterations else None
+        if (iteration % training.save_steps == 0 and iteration != trainer.num_iterations) or stop:
             save(run_, trainer, iteration, tokenizer, training.save_total_limit)
+            if stop:
+                progress.close()
+                signals.restore()
+                raise signals.Interrupted(stop, iteration, run_.output_dir / f"checkpoint-{iteration}")
     progress.close()
+    signals.restore()
 
     # 6. Held-out score, final checkpoint, the model with its value head at the top of output_dir
     evaluate_held_out(iteration)

@@ -13,9 +13,12 @@ It is written to `checkpoint-<step>.tmp/` and renamed when complete, so a folder
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
+    _test_pause()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -102,10 +106,22 @@ def save_checkpoint(
     return final
 
 
+def _test_pause() -> None:
+    """Tests set RLHF_TEST_SLOW_SAVE=<seconds> to kill a process inside a save (every file written
+    but trainer_state.json, before the rename)."""
+    seconds = os.environ.get("RLHF_TEST_SLOW_SAVE")
+    if seconds:
+        print(f"RLHF_TEST_SLOW_SAVE: pausing {seconds}s inside the save", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first. Incomplete ones are reported and left out."""
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
+        if path.name.endswith(".tmp") and path.is_dir():
+            log.warning("%s is a save that never finished (the process stopped while writing it); skipping it.", path)
+            continue
         match = CHECKPOINT_RE.match(path.name)
         if not match or not path.is_dir():
             continue

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.training import signals
 from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.metrics import MetricsWriter
@@ -141,6 +142,7 @@ def train_loop(
     window: dict[str, float] = {}
     window_start = time.perf_counter()
     model.train()
+    signals.install()  # SIGTERM / Ctrl-C: checkpoint after this step, then stop (training/signals.py)
     while step < total:
         micro = [
             {k: v.to(accelerator.device) for k, v in collate([train_dataset[i] for i in order.indices(step * accum + j)]).items()}
@@ -188,13 +190,19 @@ def train_loop(
         if evaluate is not None and training.eval_steps and step % training.eval_steps == 0 and step != total:
             metrics.log(step, evaluate(model))
             model.train()
-        if step % training.save_steps == 0 and step != total:
-            save_checkpoint(
+        stop = signals.stop_requested(accelerator) if step != total else None
+        if (step % training.save_steps == 0 and step != total) or stop:
+            saved = save_checkpoint(
                 output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
                 tokenizer=tokenizer, save_total_limit=training.save_total_limit,
             )
+            if stop:
+                progress.close()
+                signals.restore()
+                raise signals.Interrupted(stop, step, saved)
         window_start += time.perf_counter() - paused
     progress.close()
+    signals.restore()
 
     # 5. Final evaluation and checkpoint (the final model itself is written by the stage)
     if evaluate is not None:
