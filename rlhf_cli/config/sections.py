@@ -97,6 +97,10 @@ class TrainingConfig:
         2, "Keep at most this many checkpoints (oldest deleted first); null keeps all.", min=1
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    skip_nonfinite_batches: bool = option(
+        False, "A NaN/inf loss, gradient, reward, value or advantage skips that batch (counted as nonfinite_skips) "
+        "instead of stopping the run.",
+    )
     bf16: bool = option(False, "Train in bfloat16 mixed precision (needs hardware support).")
     fp16: bool = option(False, "Train in float16 mixed precision (CUDA only).")
     report_to: list[str] = option(

@@ -94,6 +94,28 @@ def _accumulate(into: dict[str, float], sums: dict[str, float]) -> None:
             into[key] = into.get(key, 0.0) + value
 
 
+def nonfinite_fault(accelerator, loss: float, grad_norm) -> str | None:
+    """What is NaN/inf in this step (the loss or the gradient norm), agreed by every process; None when all is finite."""
+    local = 0.0 if math.isfinite(loss) else 1.0
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(torch.tensor(local, device=accelerator.device), "max").item()
+    if local:
+        return f"the loss is {loss} (NaN/inf)" if not math.isfinite(loss) else "the loss is NaN/inf on another process"
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        return f"the gradient norm is {float(grad_norm)}"
+    return None
+
+
+def nonfinite_message(fault: str, step: int, output_dir: Path, option: str) -> str:
+    """The one line a run stopped by a numerical fault ends with: what, where, the last good checkpoint, what to do."""
+    from rlhf_cli.training.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    where = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
+    return (f"step {step}: {fault}; the run stopped without saving the broken weights, {where}. "
+            f"Lower training.learning_rate, check the data and rewards, or set {option}: true to skip such batches.")
+
+
 def train_loop(
     *,
     accelerator,
@@ -152,15 +174,30 @@ def train_loop(
         all_items = accelerator.reduce(torch.tensor(float(local_items), device=accelerator.device), "sum").item()
         # DDP averages gradients over processes; scaling by world/all_items turns that into a mean per item.
         scale = accelerator.num_processes / max(all_items, 1.0)
+        step_sums: dict[str, float] = {}
+        step_loss = torch.zeros((), device=accelerator.device)
         for j, batch in enumerate(micro):
             sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 loss_sum, sums = objective.loss(model, batch)
                 accelerator.backward(loss_sum * scale)
-            _accumulate(window, sums)
+            _accumulate(step_sums, sums)
+            step_loss = step_loss + loss_sum.detach().float()
         grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm) if training.max_grad_norm > 0 else None
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        fault = nonfinite_fault(accelerator, step_loss.item(), grad_norm)  # one sync per optimizer step
+        if fault:
+            if not training.skip_nonfinite_batches:
+                progress.close()
+                signals.restore()
+                raise UserError(nonfinite_message(fault, step + 1, output_dir, "training.skip_nonfinite_batches"))
+            log.warning("step %d: %s; skipping the batch (training.skip_nonfinite_batches).", step + 1, fault)
+            optimizer.zero_grad(set_to_none=True)
+            _accumulate(totals, {"nonfinite_skips": 1.0})
+            step_sums, grad_norm = {}, None
+        else:
+            optimizer.step()
+        _accumulate(window, step_sums)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -171,7 +208,7 @@ def train_loop(
         if step % training.logging_steps == 0 or step == total:
             reduced = _reduce(accelerator, window)
             _accumulate(totals, {k: v for k, v in reduced.items() if k.startswith("num_")})
-            row = objective.finalize(reduced)
+            row = objective.finalize(reduced) if reduced else {}  # empty: every batch of the window was skipped
             elapsed = time.perf_counter() - window_start
             for key, value in reduced.items():
                 if key.startswith("num_"):
@@ -180,6 +217,8 @@ def train_loop(
             if "grad_norm_count" in reduced:
                 row["grad_norm"] = reduced["grad_norm_sum"] / reduced["grad_norm_count"]
             row["learning_rate"] = lr
+            if "nonfinite_skips" in totals:
+                row["nonfinite_skips"] = totals["nonfinite_skips"]
             row["epoch"] = step * accum / order.batches_per_epoch
             metrics.log(step, row)
             progress.update(step, row, log_line=True)

@@ -1,0 +1,139 @@
+"""Numerical faults: a NaN/inf loss (SFT/reward loop) or reward (PPO) stops the run with a message that
+names the fault and the last good checkpoint (left intact), or, with training.skip_nonfinite_batches,
+skips the batch and counts it as `nonfinite_skips`. In-process runs with the fault injected by
+monkeypatching the objective / the reward (user reward functions cannot return NaN: they exit 2)."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf_cli import cli as cli_module
+from rlhf_cli.training.metrics import read_metrics
+
+TINY = "builtin:tiny-gpt2"
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["rlhf", *args])
+    code = 0
+    try:
+        cli_module.main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0
+    finally:
+        logging.getLogger().handlers.clear()
+    return code, capsys.readouterr().err
+
+
+def poison_after(monkeypatch, owner, name: str, calls: int, value: float, wrap, times: int = 10**9):
+    """Replace owner.name so that the `times` calls after the first `calls` return `value` (wrapped by `wrap`)."""
+    original = getattr(owner, name)
+    count = {"n": 0}
+
+    def patched(*args, **kwargs):
+        out = original(*args, **kwargs)
+        count["n"] += 1
+        return wrap(out, value) if calls < count["n"] <= calls + times else out
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+def nan_loss(out, value):
+    loss, sums = out
+    return loss * torch.tensor(value), sums
+
+
+def sft_config(tmp_path: Path, **training) -> Path:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a good film number {i}"}) + "\n" for i in range(64)))
+    config = {
+        "stage": "sft", "model": {"model_name_or_path": TINY},
+        "data": {"dataset_name": str(data), "dataset_test_split": None, "max_length": 16},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "logging_steps": 1, "save_steps": 2, **training},
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sft_nan_loss_stops_with_last_good_checkpoint(monkeypatch, capsys, tmp_path):
+    from rlhf_cli.stages.sft import SFTObjective
+
+    poison_after(monkeypatch, SFTObjective, "loss", calls=3, value=float("nan"), wrap=nan_loss)
+    code, stderr = run_in_process(monkeypatch, capsys, "sft", str(sft_config(tmp_path)))
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    message = stderr.strip().splitlines()[-1]
+    assert "step 4" in message and "nan" in message.lower() and "checkpoint-2" in message, message
+    assert "skip_nonfinite_batches" in message
+    out = tmp_path / "out"
+    checkpoint = load_file(out / "checkpoint-2" / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in checkpoint.values())
+    assert not (out / "checkpoint-4").exists() and not (out / "model.safetensors").exists()
+
+
+def test_sft_skip_nonfinite_batches_counts_skips(monkeypatch, capsys, tmp_path):
+    from rlhf_cli.stages.sft import SFTObjective
+
+    state = {"n": 0}
+    original = SFTObjective.loss
+
+    def every_third_inf(self, model, batch):
+        loss, sums = original(self, model, batch)
+        state["n"] += 1
+        return (loss * float("inf"), sums) if state["n"] % 3 == 0 else (loss, sums)
+
+    monkeypatch.setattr(SFTObjective, "loss", every_third_inf)
+    code, stderr = run_in_process(monkeypatch, capsys, "sft", str(sft_config(tmp_path, skip_nonfinite_batches=True)))
+    assert code == 0, stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "out") if "learning_rate" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["nonfinite_skips"] == 2
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def ppo_config(tmp_path: Path, **training) -> Path:
+    config = {
+        "stage": "ppo", "model": {"model_name_or_path": TINY},
+        "data": {"dataset_name": "builtin:review-prompts", "dataset_test_split": None},
+        "generation": {"response_length": 4},
+        "reward": {"function": "builtin:sentiment"},
+        "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "logging_steps": 1,
+                     "save_steps": 1, **training},
+        "ppo": {"total_episodes": 12, "num_ppo_epochs": 1},
+    }
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def inf_scores(out, value):
+    scores, parts = out
+    return torch.full_like(scores, value), parts
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_ppo_inf_reward_stops_or_skips(monkeypatch, capsys, tmp_path, skip):
+    from rlhf_cli.rewards.combined import CombinedReward
+
+    poison_after(monkeypatch, CombinedReward, "score", calls=1, value=float("inf"), wrap=inf_scores, times=1)
+    config = ppo_config(tmp_path, **({"skip_nonfinite_batches": True} if skip else {}))
+    code, stderr = run_in_process(monkeypatch, capsys, "ppo", str(config))
+    out = tmp_path / "out"
+    if not skip:
+        assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+        message = stderr.strip().splitlines()[-1]
+        assert "step 2" in message and "NaN/inf" in message and "checkpoint-1" in message, message
+        assert (out / "checkpoint-1" / "trainer_state.json").exists() and not (out / "checkpoint-2").exists()
+    else:
+        assert code == 0, stderr[-3000:]
+        rows = [r for r in read_metrics(out) if "episode" in r]
+        assert rows[-1]["step"] == 3 and rows[-1]["nonfinite_skips"] == 1
+        assert "skipping the batch" in stderr
