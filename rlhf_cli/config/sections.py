@@ -98,7 +98,7 @@ class TrainingConfig:
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     skip_nonfinite_batches: bool = option(
-        False, "A NaN/inf loss, gradient, reward, value or advantage skips that batch (counted as nonfinite_skips) "
+        False, "Skip a batch with a NaN/inf loss or gradient (PPO: NaN/inf rewards) and count it as nonfinite_skips, "
         "instead of stopping the run.",
     )
     bf16: bool = option(False, "Train in bfloat16 mixed precision (needs hardware support).")
