@@ -1,0 +1,121 @@
+"""Shared plumbing of the side-by-side benchmarks: peer environments, one side per subprocess,
+A B A B alternation, the table and the final JSON line.
+
+Every measured run is its own process (ours in the main venv, TRL's in its peer venv), so imports,
+allocator state and peak RSS never leak from one run into the next. A side writes one JSON file:
+{"times": [seconds per iteration/step, warm-up ones included], "peak_rss_mb": ..., ...}; the
+first `warmup` entries are dropped before taking medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORK = BENCH / ".work"  # models and runs made by the benchmarks (ignored by git)
+OURS_PY = sys.executable
+PEERS = {"trl-ppo": BENCH / ".venv-trl-ppo" / "bin" / "python", "trl": BENCH / ".venv-trl" / "bin" / "python"}
+
+
+def peer_python(name: str) -> str:
+    """The interpreter of a peer venv, created by setup_peers.sh on first use."""
+    python = PEERS[name]
+    if not python.exists():
+        print(f"creating the peer environments (bench/setup_peers.sh {OURS_PY})", flush=True)
+        subprocess.run(["bash", str(BENCH / "setup_peers.sh"), OURS_PY], check=True)
+    return str(python)
+
+
+def side_env(threads: int, src: str | None = None) -> dict:
+    """The same environment for both sides: same thread count, quiet libraries. `src`: a folder
+    holding another copy of the `rlhf_cli` package to import instead of the working tree's (to
+    measure an optimisation against the code before it, in the same run)."""
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "WANDB_DISABLED": "true",
+        "PYTHONPATH": os.pathsep.join(p for p in (src, str(BENCH), env.get("PYTHONPATH", "")) if p),
+    })
+    return env
+
+
+def run_side(python: str, script: str, spec: dict, label: str, threads: int, src: str | None = None) -> dict:
+    """Run bench/sides/<script> under `python` with a JSON spec; return the JSON it wrote."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec_path = WORK / f"{label}.spec.json"
+    result_path = WORK / f"{label}.result.json"
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=1))
+    log_path = WORK / f"{label}.log"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([python, str(BENCH / "sides" / script), str(spec_path), str(result_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=side_env(threads, src), cwd=ROOT)
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def alternate(sides: dict, rounds: int) -> dict[str, list[dict]]:
+    """Run every side once per round, in A B A B order; `sides` maps name -> callable(round) -> result."""
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, fn in sides.items():
+            load = os.getloadavg()[0]
+            print(f"round {r + 1}/{rounds}: {name} (load {load:.1f}) ...", flush=True)
+            res = fn(r)
+            res["load_before"] = load
+            results[name].append(res)
+            print(f"  {name}: {summary_line(res)}", flush=True)
+    return results
+
+
+def summary_line(res: dict) -> str:
+    keys = [k for k in res if isinstance(res[k], (int, float)) and k not in ("load_before",)]
+    return ", ".join(f"{k}={res[k]:.4g}" for k in keys)
+
+
+def median_after_warmup(times: list[float], warmup: int) -> float:
+    kept = times[warmup:] or times
+    return statistics.median(kept)
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    return f"{min(values):.3g}..{max(values):.3g}"
+
+
+def print_table(title: str, rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+
+
+def machine_note(threads: int) -> dict:
+    import platform
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"device": device, "cpu_count": os.cpu_count(), "threads_per_side": threads,
+            "load_avg_1m_end": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def final_json(payload: dict) -> None:
+    print(json.dumps(payload, sort_keys=False))
