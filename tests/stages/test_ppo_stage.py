@@ -248,7 +248,7 @@ LEARN = textwrap.dedent("""\
             marks=pytest.mark.xfail(
                 reason="open: a LoRA policy on tiny-gpt2 has not raised the held-out score within 20 iterations "
                 "(lr 1e-3..1e-2 tried; log-probs, reference and gradients checked); see the issue notes",
-                strict=False,
+                run=False,  # minutes of CPU for a known gap; run it by hand with --runxfail
             ),
         ),
     ],
