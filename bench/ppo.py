@@ -22,6 +22,7 @@ Prints a table, then ONE JSON line with the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 
@@ -60,24 +61,33 @@ def prepare_models() -> None:
                        check=True, stdout=subprocess.DEVNULL, cwd=WORK.parent.parent)
 
 
-@torch.no_grad()
-def gold_score(model_dir: str, spec: dict, n: int, seed: int = 1234) -> float:
-    """Mean builtin:sentiment of prompt + response on the first n held-out prompts (same for both sides)."""
-    from rlhf_cli.builtin.sentiment import sentiment_scores
+@functools.cache
+def held_out_prompt_ids(max_prompt_length: int, response_length: int, temperature: float) -> tuple:
+    """(tokenizer, generation config, encoded held-out prompts): made once per process."""
     from rlhf_cli.config.loader import build_stage
     from rlhf_cli.data.loading import load_splits
-    from rlhf_cli.models.loading import load_model, load_tokenizer
-    from rlhf_cli.ppo.generation import install_sampling_config, left_pad, sample_responses
-    from rlhf_cli.ppo.masking import lengths_to_mask, truncate_after_stop
+    from rlhf_cli.models.loading import load_tokenizer
     from rlhf_cli.stages.ppo import prepare_prompts
 
     tokenizer = load_tokenizer(str(POLICY), padding_side="left")
     config = build_stage("ppo", {
         "reward": {"function": "builtin:sentiment"},
-        "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": spec["max_prompt_length"]},
-        "generation": {"response_length": spec["response_length"], "temperature": spec["temperature"],
-                       "top_k": 0, "top_p": 1.0}})
+        "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": max_prompt_length},
+        "generation": {"response_length": response_length, "temperature": temperature, "top_k": 0, "top_p": 1.0}})
     ids, _ = prepare_prompts(load_splits(config.data)[1], tokenizer, config, "test")
+    return tokenizer, config, ids
+
+
+@torch.no_grad()
+def gold_score(model_dir: str, spec: dict, n: int, seed: int = 1234) -> float:
+    """Mean builtin:sentiment of prompt + response on the first n held-out prompts (same for both sides)."""
+    from rlhf_cli.builtin.sentiment import sentiment_scores
+    from rlhf_cli.models.loading import load_model
+    from rlhf_cli.ppo.generation import install_sampling_config, left_pad, sample_responses
+    from rlhf_cli.ppo.masking import lengths_to_mask, truncate_after_stop
+
+    tokenizer, config, ids = held_out_prompt_ids(spec["max_prompt_length"], spec["response_length"],
+                                                 spec["temperature"])
     ids = ids[:n]
     model = load_model(model_dir, task="causal-lm").eval()
     install_sampling_config(model, config.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -117,6 +127,7 @@ def main() -> None:
                              "a side 'before' that imports it, alternated with ours in the same run")
     a = parser.parse_args()
 
+    torch.set_num_threads(a.threads)
     prepare_models()
     trl_python = None if a.no_trl else peer_python("trl-ppo")
     base = {

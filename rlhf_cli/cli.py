@@ -1,4 +1,4 @@
-"""The `rlhf` command: sft | reward | ppo | eval | validate.
+"""The `rlhf` command: sft | reward | ppo | eval | validate | run (a recipe of several stages).
 
 Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 an internal error.
 """
@@ -54,6 +54,11 @@ def load_stage_config(stage: str, config: Path, overrides: list[str] | None, out
 
 def run_stage(stage: str, config: Path, overrides, output_dir, resume: bool, overwrite: bool) -> None:
     cfg = load_stage_config(stage, config, overrides, output_dir)
+    run_config(stage, cfg, resume, overwrite)
+
+
+def run_config(stage: str, cfg, resume: bool, overwrite: bool) -> None:
+    """Run one stage on a validated config: the path of `rlhf <stage>` and of every stage of `rlhf run`."""
     module = importlib.import_module(f"rlhf_cli.stages.{stage}")
     module.run(cfg, resume=resume, overwrite=overwrite)
 
@@ -84,7 +89,15 @@ def validate(
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Load and check a config without training: keys, types, ranges and cross-key rules."""
+    """Load and check a config without training: keys, types, ranges and cross-key rules (a recipe: every stage's)."""
+    from rlhf_cli.recipe import is_recipe_file, load_recipe
+
+    if is_recipe_file(config):
+        if stage is not None:
+            raise UserError(f"{config} is a recipe: --stage applies to stage configs (a recipe names each stage's command).")
+        recipe = load_recipe(config, overrides=set_)  # --set STAGE.key=value, as for `rlhf run`
+        typer.echo(f"{config}: valid recipe; stages: {', '.join(f'{s.name} (rlhf {s.command})' for s in recipe.stages)}.")
+        return
     stage = stage or infer_stage(config)
     if stage is not None:
         if stage not in STAGES:
@@ -107,6 +120,33 @@ def validate(
     if len(messages) == 1:
         raise UserError(messages.pop())
     raise UserError(f"{config}: not valid for any stage (add `stage:` to pick one). " + " | ".join(errors))
+
+
+@app.command(name="run")
+def run_recipe_command(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe YAML file.", show_default=False)],
+    output_dir: Annotated[
+        str | None,
+        typer.Option("--output-dir", metavar="DIR", help="Folder of the stage folders (overrides the recipe's output_dir)."),
+    ] = None,
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again from scratch (their folders are replaced)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="STAGE.KEY=VALUE", help="Override a key of one stage, e.g. --set sft.training.max_steps=100 (repeatable)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the recipe and print what each stage would do; run nothing.")] = False,
+) -> None:
+    """Run a recipe: stages (sft -> reward -> ppo -> eval) in order, each in <output_dir>/<name>.
+
+    Every stage's config is checked before the first one starts. On a re-run, finished stages are
+    skipped and an interrupted one resumes from its latest checkpoint. See docs/recipes.md.
+    """
+    from rlhf_cli.recipe import run_recipe
+
+    run_recipe(recipe, run_config, output_dir=output_dir, from_stage=from_stage, dry_run=dry_run, overrides=set_)
 
 
 def candidate_stages(raw: dict) -> list[str]:

@@ -1,4 +1,6 @@
-"""Every YAML under configs/ and recipes/ loads and validates (the alignment-handbook lesson)."""
+"""Every YAML under configs/ and recipes/ loads and validates (the alignment-handbook lesson): stage
+configs as their stage, recipes (files with `stages:`) as recipes -- every stage's config with its
+overrides and placeholders."""
 
 from pathlib import Path
 
@@ -6,19 +8,30 @@ import pytest
 
 from rlhf_cli.cli import candidate_stages
 from rlhf_cli.config.loader import build_stage, infer_stage, load_raw
+from rlhf_cli.recipe import is_recipe_file, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted(
     p for folder in ("configs", "recipes") for p in (REPO / folder).rglob("*.y*ml")
     if "accelerate" not in p.parts
 )
+RECIPES = [p for p in YAMLS if is_recipe_file(p)]
+STAGE_CONFIGS = [p for p in YAMLS if p not in RECIPES]
 
 
 def test_there_are_configs():
-    assert any(p.name == "quickstart-sft.yaml" for p in YAMLS)
+    assert any(p.name == "quickstart-sft.yaml" for p in STAGE_CONFIGS)
+    assert any(p.parent.name == "quickstart" and p.name == "recipe.yaml" for p in RECIPES)
 
 
-@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    for stage in recipe.stages:  # every config file a recipe names is in the repository, not elsewhere
+        assert REPO in stage.config_file.resolve().parents, stage.config_file
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_config_validates(path):
     stage = infer_stage(path)
     assert stage is not None, f"{path} should declare `stage:` so `rlhf validate` needs no guess"

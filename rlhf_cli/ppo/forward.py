@@ -44,3 +44,27 @@ def response_slice(tensor: torch.Tensor, query_len: int, response_len: int, enco
     if encoder_decoder:
         return tensor
     return tensor[:, query_len - 1 : query_len - 1 + response_len]
+
+
+def trim_padding(query_ids, query_mask, response_ids, response_mask):
+    """Drop the columns that no row of this (micro-)batch needs.
+
+    A rollout batch is padded to its longest query (on the left) and its longest response (on the
+    right); a micro-batch drawn from it usually needs less. Dropping left-padding columns that are
+    padding in every row changes nothing (position ids count only real tokens, and the mask already
+    hid them); dropping response columns after the longest response drops only masked positions.
+    Returns the four tensors trimmed: (b, P') and (b, T') with P' <= P, 1 <= T' <= T.
+    """
+    first = int(query_mask.any(0).long().argmax())  # the first column where some row has a real token
+    longest = max(int(response_mask.sum(1).max()), 1)
+    return query_ids[:, first:], query_mask[:, first:], response_ids[:, :longest], response_mask[:, :longest]
+
+
+def supports_logits_to_keep(model) -> bool:
+    """Whether `model.forward` can compute the LM head for the last positions only (transformers'
+    `logits_to_keep`); PEFT models forward it to the model they wrap."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

@@ -116,3 +116,55 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side="left")
     mask = pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True, padding_value=0, padding_side="left")
     return ids, mask
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask: torch.Tensor, temperature: float):
+    """`sample_responses`, and from the same forward passes: each sampled token's log-probability
+    under softmax(logits / temperature) over the whole vocabulary and the value of the position that
+    sampled it -- what a separate no-grad forward of the policy over the rollout would compute.
+
+    Causal LMs only. Two hooks watch `generate`'s own forward passes: one on the transformer body
+    keeps the value of the last position's final hidden state (B,), one on the LM keeps the
+    log-normaliser of the last position's logits (B,) and, one step later, when the sampled token
+    comes back as the next input, that token's scaled logit. Memory: one (B, V) row of logits at a
+    time, never (B, T, V). Returns (responses (B, T), logprobs (B, T) float32, values (B, T)
+    float32), or logprobs/values None when the steps seen do not match the tokens returned.
+    """
+    inner = innermost_model(model)
+    body = inner.base_model
+    lse, picked, values = [], [], []
+    last = {}
+
+    def on_body(module, args, kwargs, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        values.append(value_head(hidden[:, -1]).float())
+
+    def before_lm(module, args, kwargs):
+        if "scaled" in last:  # this step's input is the token sampled from the previous step's logits
+            ids = kwargs.get("input_ids")
+            if ids is None:  # fed embeddings: the token is not visible here
+                last["broken"] = True
+                return
+            picked.append(last.pop("scaled").gather(-1, ids[:, -1:]).squeeze(-1))
+
+    def after_lm(module, args, kwargs, output):
+        scaled = output.logits[:, -1].float() / temperature
+        lse.append(torch.logsumexp(scaled, dim=-1))
+        last["scaled"] = scaled
+
+    handles = [body.register_forward_hook(on_body, with_kwargs=True),
+               inner.register_forward_pre_hook(before_lm, with_kwargs=True),
+               inner.register_forward_hook(after_lm, with_kwargs=True)]
+    try:
+        responses = sample_responses(model, query_ids, query_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    T = responses.shape[1]
+    if "scaled" in last:
+        picked.append(last.pop("scaled").gather(-1, responses[:, -1:]).squeeze(-1))
+    if "broken" in last or not (len(lse) == len(picked) == len(values) == T):
+        log.debug("generation steps (%d) do not match the %d tokens returned; log-probs by a forward", len(lse), T)
+        return responses, None, None
+    return responses, torch.stack(picked, 1) - torch.stack(lse, 1), torch.stack(values, 1)

@@ -21,12 +21,13 @@ import torch
 from rlhf_cli.config.schema import PPOConfig
 from rlhf_cli.models.value_head import PolicyWithValue
 from rlhf_cli.ppo.advantages import gae, whiten_advantages
-from rlhf_cli.ppo.forward import model_inputs, response_slice
+from rlhf_cli.ppo.forward import model_inputs, response_slice, supports_logits_to_keep, trim_padding
 from rlhf_cli.ppo.generation import (
     encode_prompts,
     install_sampling_config,
     left_pad,
     sample_responses,
+    sample_with_logprobs,
     stop_token_id,
 )
 from rlhf_cli.ppo.kl import kl_per_token, make_kl_controller
@@ -50,6 +51,10 @@ class Rollout:
     stopped: torch.Tensor  # (B,) bool: the response produced the stop token
     prompts: list[str]
     responses: list[str]
+    # what the sampling policy's forward passes gave while generating (causal policies with a value
+    # head on the policy); None: `evaluate` computes them with a forward over the rollout
+    logprobs: torch.Tensor | None = None  # (B, T) float32, log-probs of the response tokens at the temperature
+    values: torch.Tensor | None = None  # (B, T) float32
 
 
 def iterations_of(config: PPOConfig, num_processes: int) -> tuple[int, int]:
@@ -72,6 +77,13 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.target_kl, self.ppo.kl_horizon)
         self.stop_id = stop_token_id(config.generation, tokenizer)
         self.encoder_decoder = self.unwrapped.is_encoder_decoder
+        # causal LMs compute the LM head only where response tokens are predicted (not over the query)
+        self.policy_keeps_logits = (not self.encoder_decoder and self.unwrapped.critic is None
+                                    and supports_logits_to_keep(self.unwrapped.policy))
+        # the rollout's log-probs and values come from generate's own forward passes (no extra forward)
+        self.stats_from_generation = not self.encoder_decoder and self.unwrapped.critic is None
+        self.reference_keeps_logits = not self.encoder_decoder and supports_logits_to_keep(
+            self.reference if self.reference is not None else self.unwrapped.policy)
         install_sampling_config(self.unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
         self.episode = 0
 
@@ -89,21 +101,33 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: list | None = None, query_ids=None, query_mask=None) -> Rollout:
-        """Sample one response per query (text prompts, or already-encoded left-padded ids)."""
+        """Sample one response per query (text prompts, or already-encoded left-padded ids).
+
+        Causal policies: the sampling forward passes also give the response tokens' log-probs and
+        values (`Rollout.logprobs` / `.values`), so `step` needs no second forward of the policy."""
         if query_ids is None:
             query_ids, query_mask = self.encode(prompts)
         self.model.eval()
         chunk = self.ppo.local_rollout_forward_batch_size
-        pieces = [
-            sample_responses(self.unwrapped.policy, query_ids[i : i + chunk], query_mask[i : i + chunk])
-            for i in range(0, len(query_ids), chunk)
-        ]
-        width = max(p.shape[1] for p in pieces)
-        pad = self.tokenizer.pad_token_id
-        responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
-        return self.rollout_from(query_ids, query_mask, responses)
+        policy, pieces = self.unwrapped.policy, []
+        for i in range(0, len(query_ids), chunk):
+            q, m = query_ids[i : i + chunk], query_mask[i : i + chunk]
+            if self.stats_from_generation:
+                pieces.append(sample_with_logprobs(policy, self.unwrapped.value_head, q, m, self.temperature))
+            else:
+                pieces.append((sample_responses(policy, q, m), None, None))
+        width = max(p[0].shape[1] for p in pieces)
 
-    def rollout_from(self, query_ids, query_mask, response_ids) -> Rollout:
+        def joined(k: int, value) -> torch.Tensor | None:
+            parts = [p[k] for p in pieces]
+            if any(x is None for x in parts):
+                return None
+            return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value) for x in parts])
+
+        responses = joined(0, self.tokenizer.pad_token_id)
+        return self.rollout_from(query_ids, query_mask, responses, joined(1, 0.0), joined(2, 0.0))
+
+    def rollout_from(self, query_ids, query_mask, response_ids, logprobs=None, values=None) -> Rollout:
         """Truncate raw responses after the stop token and decode both sides."""
         response_ids, lengths, stopped = truncate_after_stop(response_ids, self.stop_id, self.tokenizer.pad_token_id)
         mask = lengths_to_mask(lengths, response_ids.shape[1])
@@ -112,45 +136,76 @@ class PPOTrainer:
             query_ids, query_mask, response_ids, mask, stopped,
             prompts=decode(query_ids, skip_special_tokens=True),
             responses=decode(response_ids.masked_fill(~mask, self.tokenizer.pad_token_id), skip_special_tokens=True),
+            logprobs=logprobs, values=values,
         )
 
     # ------------------------------------------------------------------ forward passes
 
-    def _inputs(self, r: Rollout, idx) -> tuple[dict, int, int]:
-        q, qm, resp, rm = r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], r.response_mask[idx]
-        return model_inputs(self.unwrapped.policy.config, q, qm, resp, rm), q.shape[1], resp.shape[1]
+    def _inputs(self, r: Rollout, idx, keep_logits: bool) -> tuple[dict, int, int]:
+        """Model inputs for rows `idx`, trimmed to the padding those rows need; (inputs, P', T')."""
+        q, qm, resp, rm = trim_padding(r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], r.response_mask[idx])
+        inputs = model_inputs(self.unwrapped.policy.config, q, qm, resp, rm)
+        if keep_logits:  # logits at positions P'-1 .. P'+T'-1 only: the last T'+1 (the very last is unused)
+            inputs["logits_to_keep"] = resp.shape[1] + 1
+        return inputs, q.shape[1], resp.shape[1]
 
-    def policy_forward(self, r: Rollout, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response logits (b, T, V) and values (b, T) in ONE forward of the policy with its value head."""
-        inputs, P, T = self._inputs(r, idx)
+    def _response_logits(self, logits: torch.Tensor, P: int, T: int, kept: bool) -> torch.Tensor:
+        return logits[:, :T] if kept else response_slice(logits, P, T, self.encoder_decoder)
+
+    def _policy_forward(self, r: Rollout, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits (b, T', V) and values (b, T') in ONE forward of the policy with its value
+        head, over rows `idx` trimmed to their longest query and longest response (T' <= T)."""
+        inputs, P, T = self._inputs(r, idx, self.policy_keeps_logits)
         logits, values = self.model(**inputs)
-        return (response_slice(logits, P, T, self.encoder_decoder),
+        return (self._response_logits(logits, P, T, self.policy_keeps_logits),
                 response_slice(values, P, T, self.encoder_decoder))
 
+    def policy_forward(self, r: Rollout, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits (b, T, V) and values (b, T): the update's forward, padded back to the
+        rollout's response width T (positions past the rows' responses hold zeros)."""
+        logits, values = self._policy_forward(r, idx)
+        T = r.response_ids.shape[1]
+        pad = T - logits.shape[1]
+        return torch.nn.functional.pad(logits, (0, 0, 0, pad)), torch.nn.functional.pad(values, (0, pad))
+
     def reference_logits(self, r: Rollout, idx) -> torch.Tensor:
-        """Reference logits (b, T, V): a frozen copy, or the policy with its LoRA adapter disabled."""
-        inputs, P, T = self._inputs(r, idx)
+        """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the policy
+        with its LoRA adapter disabled."""
+        inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
         if self.reference is not None:
             logits = self.reference(**inputs, use_cache=False).logits
         else:
             policy = self.unwrapped.policy
             with policy.disable_adapter():
                 logits = policy(**inputs, use_cache=False).logits
-        return response_slice(logits, P, T, self.encoder_decoder)
+        return self._response_logits(logits, P, T, self.reference_keeps_logits)
 
     @torch.no_grad()
     def evaluate(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Old log-probs, values and reference log-probs (each (B, T)), in micro-batches, no grad."""
+        """Old log-probs, values and reference log-probs (each (B, T)), in micro-batches, no grad.
+        Old log-probs and values that generation recorded are used as they are."""
         self.model.eval()
         chunk = self.ppo.local_rollout_forward_batch_size
+        recorded = r.logprobs is not None and r.values is not None
         logprobs, values, ref_logprobs = [], [], []
+        width = r.response_ids.shape[1]
+
+        def full_width(x: torch.Tensor) -> torch.Tensor:  # (b, T') -> (b, T): zeros past every row's end
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
         for start in range(0, len(r.query_ids), chunk):
             idx = slice(start, start + chunk)
-            logits, v = self.policy_forward(r, idx)
-            logprobs.append(logprobs_from_logits(logits, r.response_ids[idx], self.temperature))
-            values.append(v.float())
+            if not recorded:
+                logits, v = self._policy_forward(r, idx)
+                tokens = r.response_ids[idx, : logits.shape[1]]
+                logprobs.append(full_width(logprobs_from_logits(logits, tokens, self.temperature)))
+                values.append(full_width(v.float()))
+                del logits
             ref = self.reference_logits(r, idx)
-            ref_logprobs.append(logprobs_from_logits(ref, r.response_ids[idx], self.temperature))
+            tokens = r.response_ids[idx, : ref.shape[1]]
+            ref_logprobs.append(full_width(logprobs_from_logits(ref, tokens, self.temperature)))
+        if recorded:
+            return r.logprobs, r.values, torch.cat(ref_logprobs)
         return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
 
     # ------------------------------------------------------------------ the PPO step
@@ -236,15 +291,22 @@ class PPOTrainer:
 
     def _micro_step(self, r: Rollout, idx, old_logprobs, old_values, advantages, returns, accum: int) -> dict:
         """Forward, losses and backward of one micro-batch; returns detached statistics."""
-        mask = r.response_mask[idx]
-        logits, values = self.policy_forward(r, idx)
-        logprobs = logprobs_from_logits(logits, r.response_ids[idx], self.temperature)
-        pg_loss, pg = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, self.ppo.cliprange)
-        vf_loss, vf = value_loss(values.float(), old_values[idx], returns[idx], mask, self.ppo.cliprange_value)
-        entropy = masked_mean(entropy_from_logits(logits, self.temperature), mask)
-        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.entropy_coef * entropy
+        logits, values = self._policy_forward(r, idx)  # trimmed to T' columns: the rest is masked in every row
+        cols = slice(0, logits.shape[1])
+        mask = r.response_mask[idx, cols]
+        old_logprobs, old_values = old_logprobs[idx, cols], old_values[idx, cols]
+        logprobs = logprobs_from_logits(logits, r.response_ids[idx, cols], self.temperature)
+        pg_loss, pg = policy_loss(logprobs, old_logprobs, advantages[idx, cols], mask, self.ppo.cliprange)
+        vf_loss, vf = value_loss(values.float(), old_values, returns[idx, cols], mask, self.ppo.cliprange_value)
+        loss = pg_loss + self.ppo.vf_coef * vf_loss
+        if self.ppo.entropy_coef:
+            entropy = masked_mean(entropy_from_logits(logits, self.temperature), mask)
+            loss = loss - self.ppo.entropy_coef * entropy
+        else:  # only a statistic: no autograd graph (and no backward) through a (b, T, V) softmax
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.detach(), self.temperature), mask)
         self.accelerator.backward(loss / accum)
-        ratio_var = masked_var(torch.exp(logprobs - old_logprobs[idx]).detach(), mask)
+        ratio_var = masked_var(torch.exp(logprobs - old_logprobs).detach(), mask)
         return {
             "policy/approxkl_avg": pg["approxkl"].detach(),
             "policy/clipfrac_avg": pg["clipfrac"].detach(),

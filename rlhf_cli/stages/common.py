@@ -45,7 +45,16 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool) -> Run:
     return Run(accelerator, output_dir, metrics, resume_from)
 
 
+# `rlhf run` runs several stages in one process and sets this: the process group of a many-process
+# launch then outlives each stage (it cannot be re-created reliably) and the recipe closes it.
+KEEP_PROCESS_GROUP = False
+
+
 def finish_run(run: Run) -> None:
     """Close trackers and the process group (a process can abort at exit otherwise; see DESIGN.md)."""
     run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
+    if KEEP_PROCESS_GROUP:
+        for tracker in run.accelerator.trackers:
+            tracker.finish()
+    else:
+        run.accelerator.end_training()

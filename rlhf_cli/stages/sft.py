@@ -6,17 +6,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli.config.schema import SFTConfig
+from rlhf_cli.config.schema import SFTConfig, SFTDataConfig
 from rlhf_cli.data.collators import SFTCollator, supports_packed_attention
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.packing import pack_dataset
-from rlhf_cli.data.sft_format import tokenize_dataset
+from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
 from rlhf_cli.models.adapters import apply_lora, save_final_model
 from rlhf_cli.models.loading import load_model, load_tokenizer
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.loop import train_loop
+from rlhf_cli.training.samples import generate_responses, write_samples
 
 log = logging.getLogger(__name__)
+
+NUM_SAMPLES = 3  # held-out prompts the final model continues, written to samples.jsonl
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +91,44 @@ def packed_attention_route(model) -> bool:
     return False
 
 
+def sample_prompts(rows, tokenizer, cfg: SFTDataConfig, n: int = NUM_SAMPLES) -> tuple[list[str], list[list[int]]]:
+    """The first `n` rows as generation prompts: (text shown to the user, token ids); see _prompt_of."""
+    fmt = detect_format(rows.column_names, cfg)
+    shown, ids = [], []
+    for row in rows.select(range(min(n, len(rows)))):
+        prompt = _prompt_of(row, fmt, cfg)
+        if isinstance(prompt, str):
+            shown.append(prompt)
+            ids.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        else:  # messages: rendered by the chat template, shown as the last message (the request)
+            shown.append(prompt[-1]["content"] if prompt else "")
+            ids.append(list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)))
+    keep = [i for i, p in enumerate(ids) if p]
+    return [shown[i] for i in keep], [ids[i] for i in keep]
+
+
+def _prompt_of(row: dict, fmt: str, cfg: SFTDataConfig) -> str | list[dict]:
+    """messages: the conversation before the first assistant turn; prompt-completion: the prompt;
+    text: the `prompt` column when the dataset has one (builtin:reviews does), else the first words."""
+    if fmt == "messages":
+        turns = row[cfg.messages_column]
+        first_answer = next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
+        return turns[:first_answer]
+    if fmt == "prompt-completion" or isinstance(row.get(cfg.prompt_column), str):
+        return row[cfg.prompt_column]
+    return " ".join(row[cfg.text_column].split()[:4])
+
+
+def log_samples(model, tokenizer, rows, cfg: SFTDataConfig, output_dir, step: int) -> None:
+    """Continue a few held-out prompts with the trained model; log them and write samples.jsonl."""
+    shown, prompts = sample_prompts(rows, tokenizer, cfg)
+    if not prompts:
+        return
+    max_new_tokens = max(16, min(128, cfg.max_length - max(len(p) for p in prompts)))
+    responses = generate_responses(model, tokenizer, prompts, max_new_tokens)
+    write_samples(output_dir, step, shown, responses)
+
+
 def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> None:
     # 1. Output folder, accelerator, logging
     run_ = start_run("sft", config, resume, overwrite)
@@ -104,8 +145,9 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
         is_trainable=True,
     )
     if training.gradient_checkpointing:
+        # Training forwards pass use_cache=False themselves; the saved config keeps use_cache for users.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        log.info("gradient checkpointing: activations are recomputed in the backward pass")
     if config.peft.use_peft and not hasattr(model, "peft_config"):
         if training.gradient_checkpointing:
             model.enable_input_require_grads()
@@ -128,10 +170,16 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     collate = SFTCollator(tokenizer.pad_token_id, block_diagonal_mask=block_mask)
     eval_collate = SFTCollator(tokenizer.pad_token_id)
 
-    # 4. Train (the loop checkpoints, evaluates and resumes)
+    # 4. The "before" figure: held-out loss of the starting model, as step 0 (a resumed run has it)
     def run_eval(prepared_model) -> dict[str, float]:
         return evaluate(prepared_model, test, eval_collate, training.per_device_eval_batch_size, accelerator)
 
+    if test is not None and run_.resume_from is None:
+        before = run_eval(model.to(accelerator.device))
+        run_.metrics.log(0, before)
+        log.info("before training: eval_loss %.4g, eval_perplexity %.4g", before["eval_loss"], before["eval_perplexity"])
+
+    # 5. Train (the loop checkpoints, evaluates and resumes)
     state = train_loop(
         accelerator=accelerator, model=model, objective=SFTObjective(), train_dataset=train, collate=collate,
         training=training, output_dir=run_.output_dir, evaluate=run_eval if test is not None else None,
@@ -139,9 +187,12 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
         progress_keys=("loss", "mean_token_accuracy", "tokens_per_s"), description="sft",
     )
 
-    # 5. The final model at the top of output_dir
+    # 6. A few samples from held-out prompts, and the final model at the top of output_dir
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft)
+        final_model = accelerator.unwrap_model(state["model"])
+        log_samples(final_model, tokenizer, test_raw if test_raw is not None else train_raw, config.data,
+                    run_.output_dir, state["step"])
+        save_final_model(final_model, tokenizer, run_.output_dir, config.peft)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in state.get("eval", {}).items())
         log.info("done: %d steps; %s; model written to %s", state["step"], summary or "no held-out split", run_.output_dir)
     finish_run(run_)
