@@ -171,6 +171,8 @@ def main() -> None:
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted run (`rlhf run` resumes by itself)."""
     args = [a for a in argv[1:] if a != "--overwrite"]
-    if args and args[0] != "run" and "--resume" not in args:
+    if args and args[0] == "run":  # --from again would restart the interrupted stage from scratch
+        args = [a for i, a in enumerate(args) if not (a.startswith("--from") or (i and args[i - 1] == "--from"))]
+    elif args and "--resume" not in args:
         args.append("--resume")
     return shlex.join(["rlhf", *args])

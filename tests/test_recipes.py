@@ -394,3 +394,10 @@ def test_reduced_quickstart_raises_the_gold_score(cli, tmp_path, tiny_sft_model)
     sft_label, ppo_label = Path(str(tiny_sft_model)).name, "ppo"
     gold = {label: report[label]["rewards"]["builtin:sentiment"]["mean"] for label in (sft_label, ppo_label)}
     assert gold[ppo_label] > gold[sft_label], gold
+
+
+def test_the_resume_hint_of_an_interrupted_recipe_drops_from():
+    """`rlhf run` resumes by itself; repeating --from would restart the interrupted stage instead."""
+    from rlhf_cli.cli import resume_command
+
+    assert resume_command(["rlhf", "run", "r.yaml", "--from", "ppo", "--set", "ppo.a=1"]) == "rlhf run r.yaml --set ppo.a=1"

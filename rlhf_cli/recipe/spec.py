@@ -24,6 +24,7 @@ stage stops the run before the first one starts. Errors name the recipe, the sta
 
 import copy
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,7 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None, override
 
 def _build_stage(path: Path, root: Path, name: str, command: str, config_text: str, pairs: list[tuple[str, Any]],
                  earlier: list[RecipeStage], later: list[str]) -> RecipeStage:
-    config_file = path.parent / config_text
+    config_file = Path(os.path.normpath(path.parent / config_text))  # recipes/x/../../configs/a.yaml -> configs/a.yaml
     if not config_file.is_file():
         raise UserError(f"config: {config_file} not found (the path is relative to the recipe's folder).")
     folders = {s.name: s.output_dir for s in earlier}
