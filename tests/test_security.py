@@ -30,9 +30,7 @@ def calls(name: str):
                 f = node.func
                 if module and isinstance(f, ast.Attribute) and f.attr == attr and (
                     isinstance(f.value, ast.Name) and f.value.id == module
-                ):
-                    yield path, node
-                elif not module and isinstance(f, ast.Name) and f.id == attr:
+                ) or not module and isinstance(f, ast.Name) and f.id == attr:
                     yield path, node
 
 

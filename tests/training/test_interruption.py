@@ -80,7 +80,7 @@ def metric_rows(out: Path) -> int:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    words = "good bad great film plot actor slow funny dull moving".split()
+    words = ["good", "bad", "great", "film", "plot", "actor", "slow", "funny", "dull", "moving"]
     rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(6 + i % 5))} for i in range(96)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
