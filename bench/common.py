@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORK = BENCH / ".work"  # models and runs made by the benchmarks (ignored by git)
 OURS_PY = sys.executable
+REUSE = False  # --reuse-results: a run whose result file exists (same spec) is read, not run again
 PEERS = {"trl-ppo": BENCH / ".venv-trl-ppo" / "bin" / "python", "trl": BENCH / ".venv-trl" / "bin" / "python"}
 
 
@@ -52,6 +53,9 @@ def run_side(python: str, script: str, spec: dict, label: str, threads: int, src
     WORK.mkdir(parents=True, exist_ok=True)
     spec_path = WORK / f"{label}.spec.json"
     result_path = WORK / f"{label}.result.json"
+    if REUSE and result_path.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        print(f"  (reusing {result_path.name})", flush=True)
+        return json.loads(result_path.read_text())
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=1))
     log_path = WORK / f"{label}.log"

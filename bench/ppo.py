@@ -26,6 +26,7 @@ import functools
 import statistics
 import subprocess
 
+import common
 import torch
 from common import (
     OURS_PY,
@@ -125,7 +126,11 @@ def main() -> None:
     parser.add_argument("--compare-src", default=None,
                         help="a folder with another copy of rlhf_cli (e.g. the code before an optimisation): adds "
                              "a side 'before' that imports it, alternated with ours in the same run")
+    parser.add_argument("--reuse-results", action="store_true",
+                        help="read the result of a run already in bench/.work (same label and spec) instead of "
+                             "running it again: finishes an interrupted benchmark")
     a = parser.parse_args()
+    common.REUSE = a.reuse_results
 
     torch.set_num_threads(a.threads)
     prepare_models()

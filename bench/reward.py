@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import common
 from common import (
     OURS_PY,
     WORK,
@@ -43,7 +44,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--eval-pairs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-results", action="store_true",
+                        help="read the result of a run already in bench/.work (same label and spec) instead of "
+                             "running it again: finishes an interrupted benchmark")
     a = parser.parse_args()
+    common.REUSE = a.reuse_results
 
     prepare_models()
     trl_python = peer_python("trl")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import common
 import torch
 from common import (
     OURS_PY,
@@ -69,7 +70,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-results", action="store_true",
+                        help="read the result of a run already in bench/.work (same label and spec) instead of "
+                             "running it again: finishes an interrupted benchmark")
     a = parser.parse_args()
+    common.REUSE = a.reuse_results
 
     prepare_models()
     trl_python = peer_python("trl")
