@@ -323,8 +323,8 @@ training:
 def test_learns_the_built_in_preferences(cli, tmp_path, write_yaml):
     """Pretrained MiniLM + a scalar head: >= 0.9 held-out accuracy after 400 pairs (50 steps x 8).
 
-    About 1.5 minutes on an idle 2-core CPU; the time limit leaves room for a machine shared with
-    other jobs. The bound that matters is the step count."""
+    The work is bounded by the step count; the wall-clock limit (30 min) leaves room for a 2-core
+    machine shared with other jobs (it took 741 s at load average ~12)."""
     out = tmp_path / "rm"
     start = time.perf_counter()
     result = cli("reward", str(write_yaml("learn.yaml", LEARN.format(out=out))), timeout=1800)
