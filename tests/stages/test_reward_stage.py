@@ -324,7 +324,7 @@ def test_learns_the_built_in_preferences(cli, tmp_path, write_yaml):
     """Pretrained MiniLM + a scalar head: >= 0.9 held-out accuracy after 400 pairs (50 steps x 8).
 
     The work is bounded by the step count; the wall-clock limit (30 min) leaves room for a 2-core
-    machine shared with other jobs (it took 741 s at load average ~12)."""
+    machine shared with other jobs (measured: 132 s at load average ~6, 741 s at ~12)."""
     out = tmp_path / "rm"
     start = time.perf_counter()
     result = cli("reward", str(write_yaml("learn.yaml", LEARN.format(out=out))), timeout=1800)
