@@ -344,10 +344,9 @@ REDUCED_QUICKSTART = textwrap.dedent("""\
         config: {configs}/quickstart-reward.yaml
         set:
           model.model_name_or_path: {sft}
-          data.max_train_samples: 2000
           data.max_eval_samples: 200
-          training.max_steps: 60
-          training.warmup_steps: 6
+          training.max_steps: 300          # ~0.89 held-out accuracy; at 60 steps (0.70) PPO hacks it
+          training.warmup_steps: 20
           training.eval_steps: 1000
           training.save_steps: 1000
       - name: ppo
