@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_cli.config.loader import set_key
 from rlhf_cli.errors import UserError
 from rlhf_cli.recipe import load_recipe, plan
 from rlhf_cli.recipe.runner import MARKER, SUMMARY, write_marker
-from rlhf_cli.recipe.spec import set_key
 from rlhf_cli.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,10 @@ Every error a user can make here becomes a `UserError` naming the full key path 
 saying what is allowed, e.g. "ppo.kl_coeff: unknown key; did you mean ppo.kl_coef?".
 """
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -41,13 +43,17 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: safe_load builds no objects
+        if isinstance(
+            err, yaml.constructor.ConstructorError
+        ):  # e.g. !!python/object: safe_load builds no objects
             problem += "; configs hold plain values only (no `!!` tags): remove the tag"
         raise UserError(f"{path}{where}: invalid YAML: {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, ...), not {type(data).__name__}.")
+        raise UserError(
+            f"{path}: a config must be a mapping of sections (model:, data:, ...), not {type(data).__name__}."
+        )
     return data
 
 
@@ -88,8 +94,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value); the value is read as YAML (numbers, booleans, lists, null)."""
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is read as YAML (numbers, booleans, lists, null)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected key.path=value, e.g. --set training.learning_rate=1e-5.")
@@ -97,22 +103,72 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the text; the field's type decides whether that is allowed
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each override into the raw mapping. Key names are checked later, with the rest."""
+    """Set each override into (a copy of) the raw mapping. Key names are checked later, with the rest."""
     result = deep_merge({}, raw)
     for text in overrides:
-        path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[path[-1]] = value
+        set_key(result, *parse_override(text))
     return result
+
+
+KEY_PART_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def parse_key(text: str) -> list[str | int]:
+    """`reward.sources[0].model` -> ["reward", "sources", 0, "model"]."""
+    parts: list[str | int] = []
+    for piece in str(text).split("."):
+        match = KEY_PART_RE.match(piece.strip())
+        if not match:
+            raise UserError(
+                f"{text!r} is not a key path; write section.key (training.max_steps) or "
+                "index a list with [i] (reward.sources[0].model)."
+            )
+        parts.append(match.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
+    return parts
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """Set `value` at `key` in the raw mapping. Missing mappings are created (the schema then checks
+    the names); a list index must point at an item that the stage's config already has."""
+    parts = parse_key(key)
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = key if last else _key_prefix(parts[: depth + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise UserError(
+                    f"{key}: {_key_prefix(parts[:depth])} is not a list in this stage's config; "
+                    "set the whole list instead (e.g. reward.sources: [...])."
+                )
+            if part >= len(node):
+                raise UserError(
+                    f"{key}: {_key_prefix(parts[:depth])} has {len(node)} item(s) in this stage's "
+                    f"config, so there is no [{part}]; set the whole list instead."
+                )
+        elif not isinstance(node, dict):
+            raise UserError(f"{key}: {_key_prefix(parts[:depth])} is not a mapping in this stage's config.")
+        if last:
+            node[part] = copy.deepcopy(value)
+            return
+        child = node[part] if isinstance(part, int) else node.get(part)
+        if child is None and isinstance(part, str) and not isinstance(parts[depth + 1], int):
+            child = node[part] = {}
+        if child is None:
+            raise UserError(f"{key}: {where} is not set in this stage's config; set the whole list instead.")
+        node = child
+
+
+def _key_prefix(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +259,11 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
 def unknown_key_error(key: str, prefix: str, valid: list[str]) -> UserError:
     full = f"{prefix}.{key}" if prefix else key
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"valid keys: {', '.join(valid)}."
+    hint = (
+        f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+        if close
+        else f"valid keys: {', '.join(valid)}."
+    )
     return UserError(f"{full}: unknown key; {hint}")
 
 
@@ -241,7 +301,6 @@ def load_config(stage: str, path: str | Path, overrides: list[str] | None = None
     """The full path from a YAML file (+ `--set` overrides) to a validated stage config."""
     raw = apply_overrides(load_raw(path), overrides or [])
     return build_stage(stage, raw, str(path))
-
 
 
 def infer_stage(path: str | Path) -> str | None:

@@ -22,7 +22,6 @@ earlier one's folder as `${name}` inside an override value (docs/recipes.md):
 stage stops the run before the first one starts. Errors name the recipe, the stage and the key.
 """
 
-import copy
 import difflib
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_cli.config.loader import build_stage, load_raw, output_dir_key, read_yaml
+from rlhf_cli.config.loader import build_stage, load_raw, output_dir_key, read_yaml, set_key
 from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 
@@ -40,7 +39,6 @@ RECIPE_KEYS = ("description", "output_dir", "stages")
 STAGE_KEYS = ("name", "command", "config", "set")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a stage name is also its folder's name
 PLACEHOLDER_RE = re.compile(r"\$\{([^}]*)\}")
-KEY_PART_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 
 
 @dataclass
@@ -84,63 +82,13 @@ def _suggest(word: str, valid: list[str] | tuple[str, ...]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Override keys with list indices: `reward.sources[0].model` -> ["reward", "sources", 0, "model"]
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_key(text: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for piece in str(text).split("."):
-        match = KEY_PART_RE.match(piece.strip())
-        if not match:
-            raise UserError(f"{text!r} is not a key path; write section.key (training.max_steps) or "
-                            "index a list with [i] (reward.sources[0].model).")
-        parts.append(match.group(1))
-        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
-    return parts
-
-
-def set_key(raw: dict, key: str, value: Any) -> None:
-    """Set `value` at `key` in the raw mapping. Missing mappings are created (the schema then checks
-    the names); a list index must point at an item that the stage's config already has."""
-    parts = parse_key(key)
-    node: Any = raw
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = key if last else _key_prefix(parts[: depth + 1])
-        if isinstance(part, int):
-            if not isinstance(node, list):
-                raise UserError(f"{key}: {_key_prefix(parts[:depth])} is not a list in this stage's config; "
-                                "set the whole list instead (e.g. reward.sources: [...]).")
-            if part >= len(node):
-                raise UserError(f"{key}: {_key_prefix(parts[:depth])} has {len(node)} item(s) in this stage's "
-                                f"config, so there is no [{part}]; set the whole list instead.")
-        elif not isinstance(node, dict):
-            raise UserError(f"{key}: {_key_prefix(parts[:depth])} is not a mapping in this stage's config.")
-        if last:
-            node[part] = copy.deepcopy(value)
-            return
-        child = node[part] if isinstance(part, int) else node.get(part)
-        if child is None and isinstance(part, str) and not isinstance(parts[depth + 1], int):
-            child = node[part] = {}
-        if child is None:
-            raise UserError(f"{key}: {where} is not set in this stage's config; set the whole list instead.")
-        node = child
-
-
-def _key_prefix(parts: list[str | int]) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
 # Placeholders: `${name}` -> the folder of the earlier stage `name`
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_placeholders(value: Any, folders: dict[str, Path], later: list[str], key: str, own: str = "") -> Any:
+def resolve_placeholders(
+    value: Any, folders: dict[str, Path], later: list[str], key: str, own: str = ""
+) -> Any:
     """Replace every `${name}` in the strings of `value` (lists and mappings included).
 
     `folders`: the earlier stages' folders; `later`: the names of the stages after this one (`own`)."""
@@ -156,11 +104,15 @@ def resolve_placeholders(value: Any, folders: dict[str, Path], later: list[str],
         if name in folders:
             return str(folders[name])
         if name == own:
-            raise UserError(f"{key}: ${{{name}}} is this stage's own folder; a stage can use the folders of "
-                            f"the stages before it only ({', '.join(folders) or 'none'}).")
+            raise UserError(
+                f"{key}: ${{{name}}} is this stage's own folder; a stage can use the folders of "
+                f"the stages before it only ({', '.join(folders) or 'none'})."
+            )
         if name in later:
-            raise UserError(f"{key}: ${{{name}}} is a stage that runs later; a stage can use the folders of "
-                            f"the stages before it only ({', '.join(folders) or 'none'}).")
+            raise UserError(
+                f"{key}: ${{{name}}} is a stage that runs later; a stage can use the folders of "
+                f"the stages before it only ({', '.join(folders) or 'none'})."
+            )
         raise UserError(f"{key}: ${{{name}}} names no earlier stage; {_suggest(name, list(folders))}")
 
     return PLACEHOLDER_RE.sub(substitute, value)
@@ -181,8 +133,10 @@ def _overrides(entry: Any) -> list[tuple[str, Any]]:
         pairs = []
         for item in entry:
             if not isinstance(item, str) or "=" not in item:
-                raise UserError(f"set: {item!r} is not key.path=value; write set: as a mapping "
-                                "(key.path: value) or a list of \"key.path=value\" strings.")
+                raise UserError(
+                    f"set: {item!r} is not key.path=value; write set: as a mapping "
+                    '(key.path: value) or a list of "key.path=value" strings.'
+                )
             key, _, text = item.partition("=")
             try:
                 value = yaml.safe_load(text) if text.strip() else ""
@@ -190,7 +144,9 @@ def _overrides(entry: Any) -> list[tuple[str, Any]]:
                 value = text
             pairs.append((key.strip(), value))
         return pairs
-    raise UserError(f"set: expected a mapping (key.path: value) or a list of \"key.path=value\", got {entry!r}.")
+    raise UserError(
+        f'set: expected a mapping (key.path: value) or a list of "key.path=value", got {entry!r}.'
+    )
 
 
 def _check_stage_entry(entry: Any, index: int, seen: list[str]) -> tuple[str, str, str]:
@@ -205,11 +161,15 @@ def _check_stage_entry(entry: Any, index: int, seen: list[str]) -> tuple[str, st
             raise UserError(f"{where}.{key}: required; give it as a string.")
     name, command = entry["name"], entry["command"]
     if not NAME_RE.match(name):
-        raise UserError(f"{where}.name: {name!r} is also the stage's folder name: use letters, digits, '_', '-', '.'.")
+        raise UserError(
+            f"{where}.name: {name!r} is also the stage's folder name: use letters, digits, '_', '-', '.'."
+        )
     if name in seen:
         raise UserError(f"{where}.name: {name!r} is used twice; every stage needs its own name (its folder).")
     if command not in STAGES:
-        raise UserError(f"stage {name!r}: command: {command!r} is not a subcommand; choose one of: {', '.join(STAGES)}.")
+        raise UserError(
+            f"stage {name!r}: command: {command!r} is not a subcommand; choose one of: {', '.join(STAGES)}."
+        )
     return name, command, entry["config"]
 
 
@@ -220,13 +180,17 @@ def stage_overrides(texts: list[str] | None, names: list[str]) -> dict[str, list
         ((key, value),) = _overrides([text])
         name, _, rest = key.partition(".")
         if name not in names or not rest:
-            raise UserError(f"--set {text!r}: start the key with a stage name ({', '.join(names)}), "
-                            f"e.g. --set {names[0]}.training.max_steps=10.")
+            raise UserError(
+                f"--set {text!r}: start the key with a stage name ({', '.join(names)}), "
+                f"e.g. --set {names[0]}.training.max_steps=10."
+            )
         by_stage.setdefault(name, []).append((rest, value))
     return by_stage
 
 
-def load_recipe(path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, output_dir: str | Path | None = None, overrides: list[str] | None = None
+) -> Recipe:
     """Read the recipe and build every stage's config (with overrides and placeholders) -- all checked.
 
     `overrides`: "STAGE.key.path=value" texts (`rlhf run --set`), applied after the stage's own `set:`."""
@@ -234,7 +198,11 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None, override
     data = read_yaml(path)
     for key in data:
         if key not in RECIPE_KEYS:
-            hint = " (a recipe lists stages; a stage config goes in a stage's `config:` file)" if key == "stage" else ""
+            hint = (
+                " (a recipe lists stages; a stage config goes in a stage's `config:` file)"
+                if key == "stage"
+                else ""
+            )
             raise UserError(f"{path}: {key}: unknown recipe key{hint}; {_suggest(str(key), RECIPE_KEYS)}")
     entries = data.get("stages")
     if not isinstance(entries, list) or not entries:
@@ -254,12 +222,24 @@ def load_recipe(path: str | Path, output_dir: str | Path | None = None, override
         except UserError as err:
             raise UserError(f"{path}: stage {name!r} (rlhf {command} {config_text}): {err}") from None
     description = data.get("description")
-    return Recipe(path=path, output_dir=root, stages=stages, description=str(description) if description else None)
+    return Recipe(
+        path=path, output_dir=root, stages=stages, description=str(description) if description else None
+    )
 
 
-def _build_stage(path: Path, root: Path, name: str, command: str, config_text: str, pairs: list[tuple[str, Any]],
-                 earlier: list[RecipeStage], later: list[str]) -> RecipeStage:
-    config_file = Path(os.path.normpath(path.parent / config_text))  # recipes/x/../../configs/a.yaml -> configs/a.yaml
+def _build_stage(
+    path: Path,
+    root: Path,
+    name: str,
+    command: str,
+    config_text: str,
+    pairs: list[tuple[str, Any]],
+    earlier: list[RecipeStage],
+    later: list[str],
+) -> RecipeStage:
+    config_file = Path(
+        os.path.normpath(path.parent / config_text)
+    )  # recipes/x/../../configs/a.yaml -> configs/a.yaml
     if not config_file.is_file():
         raise UserError(f"config: {config_file} not found (the path is relative to the recipe's folder).")
     folders = {s.name: s.output_dir for s in earlier}
@@ -267,8 +247,10 @@ def _build_stage(path: Path, root: Path, name: str, command: str, config_text: s
     overrides = []
     for key, value in pairs:
         if key == own_key:
-            raise UserError(f"set: {key}: the recipe sets every stage's folder ({root / name}); "
-                            "change the recipe's output_dir (or pass --output-dir) instead.")
+            raise UserError(
+                f"set: {key}: the recipe sets every stage's folder ({root / name}); "
+                "change the recipe's output_dir (or pass --output-dir) instead."
+            )
         overrides.append((key, resolve_placeholders(value, folders, later, f"set: {key}", own=name)))
     raw = load_raw(config_file)
     for key, value in overrides:
@@ -276,5 +258,11 @@ def _build_stage(path: Path, root: Path, name: str, command: str, config_text: s
     folder = root / name
     set_key(raw, own_key, str(folder))
     config = build_stage(command, raw, str(config_file))
-    return RecipeStage(name=name, command=command, config_file=config_file, overrides=overrides,
-                       config=config, output_dir=folder)
+    return RecipeStage(
+        name=name,
+        command=command,
+        config_file=config_file,
+        overrides=overrides,
+        config=config,
+        output_dir=folder,
+    )

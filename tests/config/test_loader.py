@@ -107,6 +107,14 @@ def test_override_errors():
     ) == "training.sed: unknown key; did you mean training.seed?"
 
 
+def test_set_reaches_into_a_list_of_sources(write_yaml):
+    """`--set` takes the same `[i]` key paths as a recipe's `set:`."""
+    path = write_yaml("p.yaml", "reward:\n  sources:\n    - function: builtin:sentiment\n    - model: a\n")
+    cfg = load_config("ppo", path, ["reward.sources[1].model=b", "reward.sources[1].weight=0.5"])
+    assert (cfg.reward.sources[1].model, cfg.reward.sources[1].weight) == ("b", 0.5)
+    assert "has 2 item(s)" in error_of(load_config, "ppo", path, ["reward.sources[2].model=c"])
+
+
 def test_stage_key_must_match_the_subcommand(write_yaml):
     path = write_yaml("c.yaml", "stage: reward\n")
     assert "written for `rlhf reward`" in error_of(load_config, "sft", path)
