@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -333,66 +332,38 @@ def test_two_processes_run_every_stage_data_parallel(tiny_recipe, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A reduced quickstart: the real stage configs, fewer steps; PPO must raise the gold score
+# The main job itself, shortened: PPO against the learned reward model raises the GOLD score
 # ---------------------------------------------------------------------------------------------
 
-REDUCED_QUICKSTART = textwrap.dedent("""\
-    output_dir: {out}
-    stages:
-      - name: reward
-        command: reward
-        config: {configs}/quickstart-reward.yaml
-        set:
-          model.model_name_or_path: {sft}
-          data.max_eval_samples: 200
-          training.max_steps: 300          # ~0.89 held-out accuracy; at 60 steps (0.70) PPO hacks it
-          training.warmup_steps: 20
-          training.eval_steps: 1000
-          training.save_steps: 1000
-      - name: ppo
-        command: ppo
-        config: {configs}/quickstart-ppo.yaml
-        set:
-          model.model_name_or_path: {sft}
-          reward.sources[0].model: ${{reward}}
-          data.max_eval_samples: 64
-          generation.response_length: 16
-          training.learning_rate: 1.0e-3
-          training.eval_steps: 1000
-          training.save_steps: 1000
-          ppo.total_episodes: 1280
-          ppo.sample_steps: 1000
-      - name: eval
-        command: eval
-        config: {configs}/quickstart-eval.yaml
-        set:
-          eval.models: ["{sft}", "${{ppo}}"]
-          eval.baseline_model: {sft}
-          eval.reference_model: {sft}
-          eval.num_prompts: 64
-          eval.perplexity_max_samples: 50
-          generation.response_length: 16
-          generation.temperature: 1.0
-          reward.sources[1].model: ${{reward}}
-    """)
+SHORTER_QUICKSTART = [
+    "sft.training.max_steps=150", "sft.training.warmup_steps=15", "sft.training.eval_steps=150",
+    "reward.training.max_steps=100", "reward.training.warmup_steps=10", "reward.training.eval_steps=100",
+    "reward.data.max_eval_samples=200",
+    "ppo.training.learning_rate=2e-4", "ppo.ppo.total_episodes=1536", "ppo.training.eval_steps=24",
+    "ppo.data.max_eval_samples=64",
+    "eval.eval.num_prompts=64", "eval.eval.perplexity_max_samples=50",
+]
 
 
 @pytest.mark.slow
-def test_reduced_quickstart_raises_the_gold_score(cli, tmp_path, tiny_sft_model):
-    """reward -> ppo -> eval from the quickstart configs, on the session's tiny SFT model (tiny-gpt2
-    taught the reviews): PPO against the learned reward model raises the GOLD score on held-out prompts."""
-    recipe = tmp_path / "quickstart.yaml"
-    recipe.write_text(REDUCED_QUICKSTART.format(out=tmp_path / "out", configs=REPO / "configs", sft=tiny_sft_model))
-    result = cli("run", str(recipe), timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_shortened_quickstart_raises_the_gold_score(cli, tmp_path):
+    """`rlhf run recipes/quickstart/recipe.yaml` with half the SFT steps, a third of the reward
+    steps and 24 PPO iterations (~3 minutes on 2 cores): the reward model is learned, not given, and
+    PPO against it must raise the gold score (VADER, never trained on) on held-out prompts.
+    (With the full recipe: 0.086 -> 0.710, recipes/quickstart/README.md.)"""
     out = tmp_path / "out"
+    overrides = [a for o in SHORTER_QUICKSTART for a in ("--set", o)]
+    result = cli("run", str(REPO / "recipes" / "quickstart" / "recipe.yaml"), "--output-dir", str(out), *overrides,
+                 timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
     held_out = [r for r in read_metrics(out / "ppo") if "eval/builtin:sentiment" in r]
     before, after = held_out[0]["eval/builtin:sentiment"], held_out[-1]["eval/builtin:sentiment"]
-    assert held_out[0]["step"] == 0 and after > before + 0.05, (before, after)
+    assert held_out[0]["step"] == 0 and after > before + 0.3, (before, after)
     report = json.loads((out / "eval" / "eval.json").read_text())["models"]
-    sft_label, ppo_label = Path(str(tiny_sft_model)).name, "ppo"
-    gold = {label: report[label]["rewards"]["builtin:sentiment"]["mean"] for label in (sft_label, ppo_label)}
-    assert gold[ppo_label] > gold[sft_label], gold
+    assert report["ppo"]["rewards"]["builtin:sentiment"]["mean"] > report["sft"]["rewards"]["builtin:sentiment"]["mean"] + 0.3
+    assert report["ppo"]["win_rate"] > 0.7, report["ppo"]
+    for name in ("reward_distribution.png", "curves_ppo.png", "curves_sft.png", "curves_reward.png"):
+        assert (out / "eval" / name).stat().st_size > 0
 
 
 def test_the_resume_hint_of_an_interrupted_recipe_drops_from():

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from rlhf_cli.config.sections import RewardSourceConfig, TrainingConfig
+from rlhf_cli.config.sections import GenerationConfig, RewardSourceConfig, TrainingConfig
 from rlhf_cli.errors import UserError
 
 
@@ -45,9 +45,19 @@ def check_eval(config: Any) -> None:
         )
 
 
+def check_generation(gen: GenerationConfig) -> None:
+    if gen.min_response_length > gen.response_length:
+        raise UserError(
+            f"generation.min_response_length ({gen.min_response_length}) is larger than "
+            f"generation.response_length ({gen.response_length}); lower it or raise response_length."
+        )
+
+
 def check_stage(stage: str, config: Any) -> None:
     if hasattr(config, "training"):
         check_training(config.training)
+    if hasattr(config, "generation"):
+        check_generation(config.generation)
     if stage in ("ppo", "eval"):
         check_reward(config.reward)
     if stage == "eval":

@@ -143,3 +143,11 @@ def test_resolved_config_round_trip(tmp_path, write_yaml, stage):
     dump_config(stage, cfg, tmp_path / "resolved.yaml")
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["stage"] == stage
     assert load_config(stage, tmp_path / "resolved.yaml") == cfg
+
+
+def test_min_response_length_cannot_exceed_response_length(write_yaml):
+    path = write_yaml("p.yaml", "reward:\n  function: builtin:sentiment\ngeneration:\n  response_length: 16\n  min_response_length: 24\n")
+    assert error_of(load_config, "ppo", path) == (
+        "generation.min_response_length (24) is larger than generation.response_length (16); "
+        "lower it or raise response_length."
+    )
