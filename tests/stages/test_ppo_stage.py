@@ -239,28 +239,23 @@ LEARN = textwrap.dedent("""\
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("variant", "overrides", "min_gain"),
+    ("variant", "overrides"),
     [
-        ("full", ["training.learning_rate=1e-3"], 0.2),
-        pytest.param(
-            "lora", ["training.learning_rate=1e-3", "peft.use_peft=true", "peft.lora_target_modules=[c_attn,c_proj,c_fc]"],
-            0.1,
-            marks=pytest.mark.xfail(
-                reason="open: a LoRA policy on tiny-gpt2 has not raised the held-out score within 20 iterations "
-                "(lr 1e-3..1e-2 tried; log-probs, reference and gradients checked); see the issue notes",
-                run=False,  # minutes of CPU for a known gap; run it by hand with --runxfail
-            ),
-        ),
+        ("full", ["training.learning_rate=2e-4"]),
+        # LoRA wants a larger step; on the 4.3M-parameter small-gpt2 it learns as fast as full weights
+        ("lora", ["training.learning_rate=2e-3", "peft.use_peft=true", "peft.lora_target_modules=[c_attn,c_proj,c_fc]"]),
     ],
 )
-def test_ppo_raises_held_out_sentiment_with_bounded_kl(cli, tmp_path, write_yaml, tiny_sft_model, variant, overrides, min_gain):
+def test_ppo_raises_held_out_sentiment_with_bounded_kl(cli, tmp_path, write_yaml, sft_model, variant, overrides):
+    """From an SFT model, 20 iterations of PPO on the gold reward raise its held-out mean by >= 0.2
+    (of a [-1, 1] score), with full weights and through a LoRA adapter (reference = adapter off)."""
     out = tmp_path / variant
-    text = ppo_config(out, model=str(tiny_sft_model)).split("data:")[0] + LEARN.replace("training:\n", f"training:\n  output_dir: {out}\n")
+    text = ppo_config(out, model=str(sft_model)).split("data:")[0] + LEARN.replace("training:\n", f"training:\n  output_dir: {out}\n")
     text += "reward:\n  function: builtin:sentiment\n"
     args = [a for o in overrides for a in ("--set", o)]
     result = cli("ppo", str(write_yaml(f"{variant}.yaml", text)), *args)
     assert result.returncode == 0, result.stderr[-3000:]
     before, *_, after = eval_scores(out)
     kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
-    assert after - before >= min_gain, (before, after)
+    assert after - before >= 0.2, (before, after)
     assert max(kl) < 25.0, kl
