@@ -221,9 +221,12 @@ DATA_CASES = [
      {"dataset_format": "messages"}, ["row"]),
     ("no-such-split", "sft", "d.jsonl", jsonl(GOOD_TEXT), {"dataset_train_split": "training"}, ["data.dataset_train_split"]),
     ("pairs-missing-rejected", "reward", "p.jsonl", jsonl([{"chosen": "a"}] * 8), {}, ["rejected"]),
-    # one identical pair is dropped and counted (see rlhf_cli/data/preferences.py); all of them: exit 2
-    ("pairs-all-identical", "reward", "p.jsonl", jsonl([{"chosen": f"same {i}", "rejected": f"same {i}"} for i in range(8)]),
-     {}, ["identical"]),
+    ("pairs-identical", "reward", "p.jsonl", jsonl(GOOD_PAIRS[:3] + [{"chosen": "same", "rejected": "same"}] + GOOD_PAIRS[3:]),
+     {}, ["data row 3", "same text"]),
+    # sides equal only after the cut to max_length: dropped and counted; when that leaves nothing, exit 2
+    ("pairs-identical-after-cut", "reward", "p.jsonl",
+     jsonl([{"chosen": f"same start {i} good", "rejected": f"same start {i} bad"} for i in range(8)]),
+     {"max_length": 2}, ["none of the 8 pairs", "identical"]),
     ("pairs-non-string", "reward", "p.jsonl", jsonl([{"chosen": 1, "rejected": 2}] * 8), {}, ["row 0"]),
     ("pairs-empty-chosen", "reward", "p.jsonl", jsonl([{"chosen": "", "rejected": "bad"}] + GOOD_PAIRS), {}, ["row 0"]),
     ("pairs-nan-margin", "reward", "p.jsonl",

@@ -14,8 +14,8 @@ will score. No EOS is appended to a response (see docs/reward-models.md): the sc
 
 Pairs longer than `max_length` (either side) keep their first `max_length` tokens (the tokenizer
 truncates, so BERT keeps its final [SEP]) or are dropped (`data.long_pairs`); both are counted.
-A pair whose two sides are identical token sequences (e.g. they differ only after the cut) carries
-no preference and is dropped and counted.
+A pair whose two sides are the same text is a data error (exit 2, naming the row). A pair whose sides
+become identical only when cut to `max_length` carries no preference and is dropped and counted.
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ def tokenize_pairs(dataset: Dataset, tokenizer, cfg: RewardDataConfig) -> tuple[
     def encode(rows: dict, indices: list[int]) -> dict:
         rows_as_dicts = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
         texts = [pair_texts(row, tokenizer, cfg, prompt_col, i) for row, i in zip(rows_as_dicts, indices, strict=True)]
+        for (chosen, rejected), i in zip(texts, indices, strict=True):
+            if chosen == rejected:  # a data error; pairs that only become equal when cut are dropped below
+                raise UserError(
+                    f"data row {i}: {cfg.chosen_column!r} and {cfg.rejected_column!r} are the same text, so the pair "
+                    "states no preference; fix or remove the row."
+                )
         out = {}
         for side, side_texts in (("chosen", [t[0] for t in texts]), ("rejected", [t[1] for t in texts])):
             ids = tokenizer(side_texts, **encode_kwargs)["input_ids"]

@@ -73,6 +73,8 @@ def test_missing_column_and_bad_rows_are_user_errors(tok):
         tokenize_pairs(Dataset.from_dict({"prompt": ["a"], "chosen": ["b"]}), tok, cfg())
     with pytest.raises(UserError, match="data row 0: column 'chosen' is empty"):
         tokenize_pairs(Dataset.from_dict({"prompt": ["a"], "chosen": [""], "rejected": ["c"]}), tok, cfg())
+    with pytest.raises(UserError, match="data row 1: 'chosen' and 'rejected' are the same text"):
+        tokenize_pairs(Dataset.from_dict({"prompt": ["a", "a"], "chosen": ["b", "c"], "rejected": ["d", "c"]}), tok, cfg())
 
 
 def test_long_pairs_truncated_or_dropped_and_counted(tok):
