@@ -40,6 +40,11 @@ from rlhf_cli.training.optim import make_optimizer, make_scheduler
 log = logging.getLogger(__name__)
 
 
+class NonFiniteBatch(Exception):
+    """NaN/inf found in a rollout's scores, values, log-probs or advantages, before any update
+    (the weights are untouched), or in a gradient with `training.skip_nonfinite_batches` off."""
+
+
 @dataclass
 class Rollout:
     """One batch of (query, response) pairs on this process, with their texts."""
@@ -86,6 +91,7 @@ class PPOTrainer:
             self.reference if self.reference is not None else self.unwrapped.policy)
         install_sampling_config(self.unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
         self.episode = 0
+        self.nonfinite_skips = 0  # rollouts and optimizer steps skipped for NaN/inf (skip_nonfinite_batches)
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -231,6 +237,8 @@ class PPOTrainer:
         # 3. Advantages (GAE over valid tokens), whitened over valid tokens
         advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
         advantages = whiten_advantages(advantages, mask)
+        self._require_finite(mask, scores=raw_scores, values=values, logprobs=logprobs,
+                             reference_logprobs=ref_logprobs, advantages=advantages)
 
         # 4. num_ppo_epochs x num_mini_batches clipped updates
         update_stats = self._update(r, logprobs, values, advantages, returns)
@@ -254,6 +262,18 @@ class PPOTrainer:
             **update_stats,
         }
         return stats
+
+    def _require_finite(self, mask: torch.Tensor, **tensors: torch.Tensor) -> None:
+        """Raise NonFiniteBatch naming what holds NaN/inf (at valid tokens) on any process; one all-reduce."""
+        flags = torch.stack([
+            (~torch.isfinite(t.float()) & (mask if t.dim() == 2 else True)).any().float() for t in tensors.values()
+        ]).to(self.accelerator.device)  # (len(tensors),)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        bad = [name.replace("_", " ") for name, flag in zip(tensors, flags.tolist(), strict=True) if flag > 0]
+        if bad:
+            hint = " (check the reward model or function)" if bad[0] == "scores" else ""
+            raise NonFiniteBatch(f"NaN/inf in the rollout's {', '.join(bad)}{hint}")
 
     def _mean(self, x: torch.Tensor) -> float:
         return self.accelerator.reduce(x.float().mean(), "mean").item()
@@ -280,14 +300,27 @@ class PPOTrainer:
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
-                if training.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(params, training.max_grad_norm)
-                self.optimizer.step()
+                if not self._gradient_is_finite(params):  # the same answer on every process: grads are all-reduced
+                    if not training.skip_nonfinite_batches:
+                        raise NonFiniteBatch("the gradient is NaN/inf")
+                    log.warning("a NaN/inf gradient: skipping this optimizer step (training.skip_nonfinite_batches)")
+                    self.nonfinite_skips += 1
+                else:
+                    self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         means = torch.stack([v / count for v in sums.values()])
         means = self.accelerator.reduce(means, "mean")
         return dict(zip(sums, means.tolist(), strict=True))
+
+    def _gradient_is_finite(self, params) -> bool:
+        """Clip (when configured) and check the gradient norm; one host sync per optimizer step."""
+        max_norm = self.config.training.max_grad_norm
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
+        return bool(torch.isfinite(norm))
 
     def _micro_step(self, r: Rollout, idx, old_logprobs, old_values, advantages, returns, accum: int) -> dict:
         """Forward, losses and backward of one micro-batch; returns detached statistics."""
@@ -321,8 +354,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:
-        return {"episode": self.episode, "kl_controller": self.kl_ctl.state_dict()}
+        return {"episode": self.episode, "kl_controller": self.kl_ctl.state_dict(), "nonfinite_skips": self.nonfinite_skips}
 
     def load_state_dict(self, state: dict) -> None:
         self.episode = state["episode"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)

@@ -14,7 +14,7 @@ from rlhf_cli.models.adapters import save_final_model
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
 from rlhf_cli.ppo.generation import encode_prompt_set, left_pad
-from rlhf_cli.ppo.trainer import PPOTrainer, Rollout
+from rlhf_cli.ppo.trainer import NonFiniteBatch, PPOTrainer, Rollout
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training import signals
@@ -114,7 +114,6 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     # 5. The loop: generate -> score -> PPO step -> log / samples / checkpoint
     progress = StepProgress(trainer.num_iterations, "ppo", PROGRESS_KEYS, enabled=accelerator.is_main_process, start=iteration)
     signals.install()  # SIGTERM / Ctrl-C: checkpoint after this iteration, then stop (training/signals.py)
-    skips = 0  # rollouts skipped for NaN/inf rewards (training.skip_nonfinite_batches)
     while iteration < trainer.num_iterations:
         rows = order.indices(iteration)
         q, m = left_pad([train_ids[i] for i in rows], tokenizer.pad_token_id)
@@ -123,21 +122,23 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
         t1 = time.perf_counter()
         scores, parts = score(reward, rollout, train_columns, rows)
         t2 = time.perf_counter()
-        fault = nonfinite_scores(accelerator, scores)
-        if fault and training.skip_nonfinite_batches:  # no update from this rollout; the data order moves on
+        try:
+            stats = trainer.step(rollout, scores)
+        except NonFiniteBatch as fault:
+            if not training.skip_nonfinite_batches:
+                raise UserError(nonfinite_message(str(fault), iteration + 1, run_.output_dir,
+                                                  "training.skip_nonfinite_batches")) from None
+            # (with skipping on, only a rollout's inputs raise, before any update) the data order moves on
             log.warning("iteration %d: %s; skipping the batch (training.skip_nonfinite_batches).", iteration + 1, fault)
-            skips += 1
+            trainer.nonfinite_skips += 1
             iteration += 1
             continue
-        if fault:
-            raise UserError(nonfinite_message(fault, iteration + 1, run_.output_dir, "training.skip_nonfinite_batches"))
-        stats = trainer.step(rollout, scores)
         bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
-        if bad:  # NaN/inf values, advantages or losses: this update cannot be undone, so the run stops
+        if bad:  # a last guard: statistics of an update that ran on finite inputs and gradients
             raise UserError(nonfinite_message(f"{', '.join(bad)} not finite after the update", iteration + 1,
-                                              run_.output_dir, "training.skip_nonfinite_batches (rewards only)"))
-        if skips:
-            stats["nonfinite_skips"] = skips
+                                              run_.output_dir, "training.skip_nonfinite_batches"))
+        if trainer.nonfinite_skips:
+            stats["nonfinite_skips"] = trainer.nonfinite_skips
         iteration += 1
         elapsed = time.perf_counter() - t0
         tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()
@@ -177,13 +178,6 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
         log.info("done: %d iterations, %d episodes; policy and value head written to %s",
                  iteration, trainer.episode, run_.output_dir)
     finish_run(run_)
-
-
-def nonfinite_scores(accelerator, scores: torch.Tensor) -> str | None:
-    """'rewards are NaN/inf ...' when any process scored a rollout NaN or inf, else None."""
-    bad = (~torch.isfinite(scores.float())).sum().to(accelerator.device)
-    bad = accelerator.reduce(bad, "sum").item() if accelerator.num_processes > 1 else bad.item()
-    return f"{int(bad)} reward(s) are NaN/inf (check the reward model or function)" if bad else None
 
 
 def save(run_, trainer: PPOTrainer, iteration: int, tokenizer, limit) -> None:

@@ -1,7 +1,7 @@
-"""Numerical faults: a NaN/inf loss (SFT/reward loop) or reward (PPO) stops the run with a message that
-names the fault and the last good checkpoint (left intact), or, with training.skip_nonfinite_batches,
-skips the batch and counts it as `nonfinite_skips`. In-process runs with the fault injected by
-monkeypatching the objective / the reward (user reward functions cannot return NaN: they exit 2)."""
+"""Numerical faults: a NaN/inf loss (SFT/reward loop), or reward, value or gradient (PPO) stops the run
+with a message that names the fault and the last good checkpoint (left intact), or, with
+training.skip_nonfinite_batches, skips the batch and counts it as `nonfinite_skips`. In-process runs
+with the fault injected by monkeypatching (user reward functions cannot return NaN: they exit 2)."""
 
 import json
 import logging
@@ -119,21 +119,70 @@ def inf_scores(out, value):
     return torch.full_like(scores, value), parts
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_ppo_inf_reward_stops_or_skips(monkeypatch, capsys, tmp_path, skip):
+def nan_values(out, value):
+    logprobs, values, ref_logprobs = out
+    return logprobs, values * value, ref_logprobs
+
+
+def poison_rollout(monkeypatch, fault: str) -> None:
+    """The second iteration's rewards (inf) or values (NaN) are not finite."""
+    from rlhf_cli.ppo.trainer import PPOTrainer
     from rlhf_cli.rewards.combined import CombinedReward
 
-    poison_after(monkeypatch, CombinedReward, "score", calls=1, value=float("inf"), wrap=inf_scores, times=1)
+    if fault == "rewards":
+        poison_after(monkeypatch, CombinedReward, "score", calls=1, value=float("inf"), wrap=inf_scores, times=1)
+    else:
+        poison_after(monkeypatch, PPOTrainer, "evaluate", calls=1, value=float("nan"), wrap=nan_values, times=1)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize(("fault", "named"), [("rewards", "scores"), ("values", "values")])
+def test_ppo_nonfinite_rollout_stops_or_skips(monkeypatch, capsys, tmp_path, fault, named, skip):
+    """Found before the update: stop with checkpoint-1 intact, or skip the rollout, count it, and
+    keep the count in the checkpoint (a resumed run goes on counting)."""
+    poison_rollout(monkeypatch, fault)
     config = ppo_config(tmp_path, **({"skip_nonfinite_batches": True} if skip else {}))
     code, stderr = run_in_process(monkeypatch, capsys, "ppo", str(config))
     out = tmp_path / "out"
     if not skip:
         assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
         message = stderr.strip().splitlines()[-1]
-        assert "step 2" in message and "NaN/inf" in message and "checkpoint-1" in message, message
+        assert "step 2" in message and "NaN/inf" in message and named in message and "checkpoint-1" in message, message
         assert (out / "checkpoint-1" / "trainer_state.json").exists() and not (out / "checkpoint-2").exists()
     else:
         assert code == 0, stderr[-3000:]
         rows = [r for r in read_metrics(out) if "episode" in r]
         assert rows[-1]["step"] == 3 and rows[-1]["nonfinite_skips"] == 1
         assert "skipping the batch" in stderr
+        state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+        assert '"nonfinite_skips": 1' in json.dumps(state)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_ppo_nonfinite_gradient_stops_or_skips_the_optimizer_step(monkeypatch, capsys, tmp_path, skip):
+    """A NaN gradient is never applied: the run stops (exit 2) or that optimizer step is skipped and
+    counted; the final weights are finite either way."""
+    from rlhf_cli.ppo.trainer import PPOTrainer
+
+    original, calls = PPOTrainer._micro_step, {"n": 0}
+
+    def nan_gradient(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second iteration (one micro-step each: 4 rows, 1 mini-batch, 1 epoch)
+            next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(PPOTrainer, "_micro_step", nan_gradient)
+    config = ppo_config(tmp_path, **({"skip_nonfinite_batches": True} if skip else {}))
+    code, stderr = run_in_process(monkeypatch, capsys, "ppo", str(config))
+    out = tmp_path / "out"
+    if not skip:
+        assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+        assert "step 2: the gradient is NaN/inf" in stderr.strip().splitlines()[-1]
+        weights = load_file(out / "checkpoint-1" / "model" / "model.safetensors")
+    else:
+        assert code == 0, stderr[-3000:]
+        assert [r for r in read_metrics(out) if "episode" in r][-1]["nonfinite_skips"] == 1
+        weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
