@@ -260,3 +260,53 @@ def test_ppo_sigkill_inside_save_and_resume_matches(tmp_path):
     ref = tmp_path / "ref" / "out"
     assert comparable(read_metrics(out)) == comparable(read_metrics(ref))
     assert same_weights(out, ref) and same_weights(out, ref, "value_head.safetensors")
+
+
+# --- two processes: a signal that reaches one worker stops both after the same step --------------
+
+
+def torchrun(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf_cli", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the torchrun worker with LOCAL_RANK `rank` (a child of the launcher)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"LOCAL_RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker with LOCAL_RANK={rank} under pid {launcher.pid}")
+
+
+@pytest.mark.slow
+def test_two_process_sft_sigterm_to_one_worker_stops_both_and_resumes(tmp_path, text_file):
+    """SIGTERM to rank 1 only: the ranks agree to stop after the same step (no hang), one complete
+    checkpoint is written, and `--resume` under torchrun ends as an uninterrupted two-process run."""
+    ref_config = sft_config(tmp_path / "ref", text_file, max_steps=30, save_steps=100)
+    code, stderr = finish(torchrun("sft", str(ref_config)))
+    assert code == 0, stderr[-3000:]
+    config = sft_config(tmp_path / "cut", text_file, max_steps=30, save_steps=100)
+    out = tmp_path / "cut" / "out"
+    launcher = torchrun("sft", str(config))
+    wait_for(lambda: metric_rows(out) >= 2, launcher)
+    os.kill(worker_pid(launcher, rank=1), signal.SIGTERM)
+    code, stderr = finish(launcher, timeout=300)
+    assert code != 0 and "Traceback" not in stderr.split("interrupted:")[0], stderr[-3000:]
+    assert "SIGTERM received" in stderr and "interrupted:" in stderr, stderr[-3000:]
+    checkpoints = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    assert len(checkpoints) == 1 and not list(out.glob("checkpoint-*.tmp")), checkpoints
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert stopped_at < 30 and metric_rows(out) == stopped_at
+    code, stderr = finish(torchrun("sft", str(config), "--resume"))
+    assert code == 0, stderr[-3000:]
+    ref = tmp_path / "ref" / "out"
+    assert comparable(read_metrics(out)) == comparable(read_metrics(ref))
+    assert same_weights(out, ref)
