@@ -28,6 +28,7 @@ from transformers import (
 
 from rlhf_cli.builtin.models import BUILTIN_MODELS, PREFIX, build_builtin, builtin_tokenizer_for
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.fused import fuse_activations
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def load_model(
     is_trainable: bool = False,
     config_key: str = DEFAULT_KEY,
 ) -> PreTrainedModel:
-    """Load a model for `task` ("causal-lm", "seq2seq-lm", "sequence-classification", "base").
+    """Load a model for `task` ("causal-lm", "seq2seq-lm", "sequence-classification", "base"),
+    with slow activation modules swapped for fused kernels that compute the same function
+    (models/fused.py).
 
     `seed` fixes every weight that is not loaded (a built-in's random weights, a fresh
     classification head) without touching the global RNG. `num_labels` only matters for
@@ -102,6 +105,25 @@ def load_model(
     saved classifier as it is (e.g. a 2-label sentiment model). `is_trainable` only matters
     for an adapter folder: False loads the adapter frozen for inference.
     """
+    return fuse_activations(_load_model(
+        name_or_path, task, dtype, trust_remote_code, revision, seed, num_labels,
+        is_trainable=is_trainable, config_key=config_key,
+    ))
+
+
+def _load_model(
+    name_or_path: str,
+    task: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    seed: int = 0,
+    num_labels: int | None = 1,
+    *,
+    is_trainable: bool = False,
+    config_key: str = DEFAULT_KEY,
+) -> PreTrainedModel:
+    """`load_model` without the activation swap."""
     if task not in AUTO_CLASSES:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(AUTO_CLASSES)}")
     torch_dtype = _parse_dtype(dtype)

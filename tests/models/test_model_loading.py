@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf_cli.builtin.models import build_builtin
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.fused import fuse_activations
 from rlhf_cli.models.loading import load_model, load_tokenizer
 
 TEXTS = ["The film was a delight.", "Dull and far too long."]
@@ -33,9 +34,11 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def saved_gpt2(tmp_path_factory):
-    """builtin:tiny-gpt2 (seed 4) written with save_pretrained, as a finished SFT run writes it."""
+    """builtin:tiny-gpt2 (seed 4) written with save_pretrained, as a finished SFT run writes it
+    (with the fused activation that load_model installs, so logits compare bit for bit)."""
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     model, tokenizer = build_builtin("tiny-gpt2", seed=4)
+    fuse_activations(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, model
@@ -99,9 +102,10 @@ def test_lora_adapter_folder_loads_on_its_builtin_base(tmp_path):
     loaded = load_model(str(tmp_path), "causal-lm")  # default seed 0: the seed in the base name wins
     assert isinstance(loaded, PeftModel)
     assert not any(p.requires_grad for p in loaded.parameters())
-    assert torch.allclose(logits(loaded, tokenizer), logits(peft_model, tokenizer))
+    # atol: load_model runs the fused GELU, the hand-built model gelu_new (models/fused.py)
+    assert torch.allclose(logits(loaded, tokenizer), logits(peft_model, tokenizer), atol=1e-5)
     with loaded.disable_adapter():
-        assert torch.allclose(logits(loaded, tokenizer), logits(build_builtin("tiny-gpt2", seed=5)[0], tokenizer))
+        assert torch.allclose(logits(loaded, tokenizer), logits(build_builtin("tiny-gpt2", seed=5)[0], tokenizer), atol=1e-5)
 
     trainable = load_model(str(tmp_path), "causal-lm", is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} and all(
