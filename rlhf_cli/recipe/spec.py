@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_cli.config.loader import build_stage, load_raw, output_dir_key, read_yaml, set_key
+from rlhf_cli.config.loader import build_stage, load_raw, output_dir_key, parse_override, read_yaml, set_key
 from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 
@@ -137,12 +137,7 @@ def _overrides(entry: Any) -> list[tuple[str, Any]]:
                     f"set: {item!r} is not key.path=value; write set: as a mapping "
                     '(key.path: value) or a list of "key.path=value" strings.'
                 )
-            key, _, text = item.partition("=")
-            try:
-                value = yaml.safe_load(text) if text.strip() else ""
-            except yaml.YAMLError:
-                value = text
-            pairs.append((key.strip(), value))
+            pairs.append(parse_override(item))
         return pairs
     raise UserError(
         f'set: expected a mapping (key.path: value) or a list of "key.path=value", got {entry!r}.'
