@@ -111,20 +111,22 @@ def write_reward_module(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_seq2seq_policy_learns_a_rule_reward(cli, tmp_path, write_yaml):
+def test_seq2seq_policy_raises_held_out_sentiment_with_bounded_kl(cli, tmp_path, write_yaml):
     """An encoder-decoder policy (builtin:tiny-t5, random start) with its value head on the decoder
-    states learns a Python rule reward (words per response / 10) on held-out prompts: sampling at
-    temperature 0.5, in 20 iterations it learns to emit tokens that each begin a word."""
-    write_reward_module(tmp_path)
+    states raises the gold score of held-out prompts in 20 iterations. Sampling at temperature 0.5
+    (at 1.0 a random model spreads over all 4,096 tokens and learns slowly), it finds positive words
+    and repeats them ("terrific terrific ..."): for a policy that knows no English, that is what the
+    reward asks for."""
     out = tmp_path / "t5"
     text = ppo_config(out, model="builtin:tiny-t5").split("data:")[0] + LEARN.replace("training:\n", f"training:\n  output_dir: {out}\n")
-    text += "reward:\n  function: my_rewards:length\n"
-    overrides = ["generation.temperature=0.5", "generation.stop_token=null", "training.learning_rate=3e-3"]
-    result = cli("ppo", str(write_yaml("t5.yaml", text)), *[a for o in overrides for a in ("--set", o)],
-                 env={"PYTHONPATH": str(tmp_path)})
+    text += "reward:\n  function: builtin:sentiment\n"
+    overrides = ["generation.temperature=0.5", "training.learning_rate=3e-3"]
+    result = cli("ppo", str(write_yaml("t5.yaml", text)), *[a for o in overrides for a in ("--set", o)])
     assert result.returncode == 0, result.stderr[-3000:]
     before, *_, after = eval_scores(out)
-    assert after - before >= 0.4, (before, after)  # of at most 1.6 (16 one-word tokens)
+    kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
+    assert after - before >= 0.3, (before, after)
+    assert max(kl) < 25.0, kl
 
 
 @pytest.mark.parametrize(
