@@ -5,7 +5,7 @@
   `--resume` then ends exactly where an uninterrupted run ends.
 - SIGKILL at several moments, one inside a checkpoint save (RLHF_TEST_SLOW_SAVE), loses at most the
   steps since the last complete checkpoint: the half-written one is reported and skipped, and the
-  resumed run still ends with the uninterrupted run's metrics and weights.
+  resumed run still ends with the uninterrupted run's metrics and weights (sft, reward and ppo).
 """
 
 import json
@@ -307,6 +307,43 @@ def test_two_process_sft_sigterm_to_one_worker_stops_both_and_resumes(tmp_path, 
     assert stopped_at < 30 and metric_rows(out) == stopped_at
     code, stderr = finish(torchrun("sft", str(config), "--resume"))
     assert code == 0, stderr[-3000:]
+    ref = tmp_path / "ref" / "out"
+    assert comparable(read_metrics(out)) == comparable(read_metrics(ref))
+    assert same_weights(out, ref)
+
+
+# --- reward: the same loop as SFT, killed and resumed ----------------------------------------------
+
+
+def reward_config(folder: Path, pairs_file: Path) -> Path:
+    config = {
+        "stage": "reward", "model": {"model_name_or_path": TINY},
+        "data": {"dataset_name": str(pairs_file), "dataset_test_split": None, "max_length": 32},
+        "training": {"output_dir": str(folder / "out"), "max_steps": 30, "per_device_train_batch_size": 4,
+                     "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 10},
+        "reward": {"center_rewards_coefficient": 0.01},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reward.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_reward_sigkill_and_resume_matches(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    words = ["great", "fine", "superb", "lovely", "awful", "dull", "poor", "bad"]
+    pairs.write_text("".join(json.dumps({"prompt": f"Film {i} was", "chosen": f" {words[i % 4]} indeed.",
+                                         "rejected": f" {words[4 + i % 4]} indeed."}) + "\n" for i in range(80)))
+    run_to_end("reward", str(reward_config(tmp_path / "ref", pairs)))
+    config = reward_config(tmp_path / "cut", pairs)
+    out = tmp_path / "cut" / "out"
+    process = start("reward", str(config))
+    wait_for(lambda: (out / "checkpoint-10" / "trainer_state.json").exists(), process)
+    process.kill()
+    finish(process)
+    assert metric_rows(out) < 30
+    run_to_end("reward", str(config), "--resume")
     ref = tmp_path / "ref" / "out"
     assert comparable(read_metrics(out)) == comparable(read_metrics(ref))
     assert same_weights(out, ref)
