@@ -111,6 +111,10 @@ def load_model(
     ))
 
 
+# classification heads as transformers names them (GPT-2/LLaMA-style `score`, BERT-style `classifier`)
+HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
+
+
 def _load_model(
     name_or_path: str,
     task: str,
@@ -132,6 +136,8 @@ def _load_model(
         return model if torch_dtype == "auto" else model.to(torch_dtype)
     base = _adapter_base(name_or_path, config_key)
     if base is not None:
+        if task == "sequence-classification" and num_labels is None:
+            num_labels = _adapter_head_rows(name_or_path)  # the base model alone cannot tell
         base_model = load_model(
             base, task, dtype, trust_remote_code, revision=_read_adapter_config(name_or_path).get("revision"),
             seed=seed, num_labels=num_labels, config_key=_base_key(name_or_path),
@@ -166,6 +172,21 @@ def _adapter_base(name_or_path: str, config_key: str) -> str | None:
             f"set base_model_name_or_path in its {ADAPTER_CONFIG}"
         )
     return base
+
+
+def _adapter_head_rows(folder: str) -> int | None:
+    """The number of labels of the classification head saved in an adapter folder (a LoRA reward
+    model keeps its fully trained `score` head there), or None when it holds no head."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(weights, "pt") as tensors:
+        for key in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if key.endswith(HEAD_WEIGHTS):
+                return tensors.get_slice(key).get_shape()[0]
+    return None
 
 
 def _read_adapter_config(folder: str) -> dict:

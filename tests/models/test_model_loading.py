@@ -156,3 +156,22 @@ def test_trust_remote_code_is_announced(saved_gpt2, caplog):
     with caplog.at_level("WARNING", logger="rlhf_cli.models.loading"):
         load_model(str(folder), "causal-lm", trust_remote_code=True)
     assert "trust_remote_code=True" in caplog.text
+
+
+def test_lora_reward_model_folder_loads_with_its_one_label_head(tmp_path):
+    """A LoRA reward model (adapter + fully trained `score` head, as `rlhf reward` writes it) loads as
+    a scorer with num_labels=None (keep the saved head): the head's size comes from the adapter folder,
+    not from the base model's config (which would give transformers' default of 2 labels)."""
+    from rlhf_cli.config.sections import RewardSourceConfig
+    from rlhf_cli.rewards.model import ModelReward
+
+    base, tokenizer = build_builtin("tiny-gpt2", "sequence-classification", seed=5, num_labels=1)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                            task_type="SEQ_CLS", modules_to_save=["score"]))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), "sequence-classification", num_labels=None)
+    assert loaded.config.num_labels == 1
+    assert torch.allclose(logits(loaded, tokenizer), logits(model, tokenizer), atol=1e-5)
+    scores = ModelReward(RewardSourceConfig(model=str(tmp_path)), torch.device("cpu"))(["It was"], [" great."])
+    assert scores.shape == (1,)
