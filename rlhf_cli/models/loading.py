@@ -83,6 +83,18 @@ def load_tokenizer(
     return tokenizer
 
 
+def load_stage_tokenizer(model_cfg, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The tokenizer a stage's `model` section names (`tokenizer_name_or_path`, else the model's)."""
+    return load_tokenizer(
+        model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path, padding_side=padding_side,
+        trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+    )
+
+
+# classification heads as transformers names them (GPT-2/LLaMA-style `score`, BERT-style `classifier`)
+HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
+
+
 def load_model(
     name_or_path: str,
     task: str,
@@ -105,35 +117,12 @@ def load_model(
     saved classifier as it is (e.g. a 2-label sentiment model). `is_trainable` only matters
     for an adapter folder: False loads the adapter frozen for inference.
     """
-    return fuse_activations(_load_model(
-        name_or_path, task, dtype, trust_remote_code, revision, seed, num_labels,
-        is_trainable=is_trainable, config_key=config_key,
-    ))
-
-
-# classification heads as transformers names them (GPT-2/LLaMA-style `score`, BERT-style `classifier`)
-HEAD_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
-
-
-def _load_model(
-    name_or_path: str,
-    task: str,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    seed: int = 0,
-    num_labels: int | None = 1,
-    *,
-    is_trainable: bool = False,
-    config_key: str = DEFAULT_KEY,
-) -> PreTrainedModel:
-    """`load_model` without the activation swap."""
     if task not in AUTO_CLASSES:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(AUTO_CLASSES)}")
     torch_dtype = _parse_dtype(dtype)
     if name_or_path.startswith(PREFIX):
         model, _ = build_builtin(name_or_path, task, seed=seed, num_labels=num_labels)
-        return model if torch_dtype == "auto" else model.to(torch_dtype)
+        return fuse_activations(model if torch_dtype == "auto" else model.to(torch_dtype))
     base = _adapter_base(name_or_path, config_key)
     if base is not None:
         if task == "sequence-classification" and num_labels is None:
@@ -147,9 +136,9 @@ def _load_model(
     extra = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
     with _as_user_error(name_or_path, config_key, f"a {task} model"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AUTO_CLASSES[task].from_pretrained(
+        return fuse_activations(AUTO_CLASSES[task].from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
-        )
+        ))
 
 
 def _attach_adapter(base_model: PreTrainedModel, folder: str, is_trainable: bool) -> PreTrainedModel:

@@ -11,7 +11,7 @@ from rlhf_cli.config.schema import PPOConfig
 from rlhf_cli.data.loading import load_splits, require_columns
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import save_final_model
-from rlhf_cli.models.loading import load_tokenizer
+from rlhf_cli.models.loading import load_stage_tokenizer
 from rlhf_cli.models.policy import load_policy
 from rlhf_cli.ppo.generation import encode_prompt_set, left_pad
 from rlhf_cli.ppo.trainer import NonFiniteBatch, PPOTrainer, Rollout
@@ -69,10 +69,7 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     accelerator, training, ppo = run_.accelerator, config.training, config.ppo
 
     # 2. Policy with value head, reference, tokenizer (left padding: prompts end where responses start)
-    tokenizer = load_tokenizer(
-        config.model.tokenizer_name_or_path or config.model.model_name_or_path, padding_side="left",
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
-    )
+    tokenizer = load_stage_tokenizer(config.model, padding_side="left")
     model, reference = load_policy(config.model, config.peft, training.seed, ppo.value_model_name_or_path)
     if training.gradient_checkpointing:
         model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

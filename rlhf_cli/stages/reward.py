@@ -17,7 +17,7 @@ from rlhf_cli.config.schema import RewardModelConfig
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.preferences import PairCollator, tokenize_pairs
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import load_model, load_tokenizer
+from rlhf_cli.models.loading import load_model, load_stage_tokenizer
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.bradley_terry import bradley_terry_loss
 from rlhf_cli.training.loop import train_loop
@@ -168,10 +168,7 @@ def run(config: RewardModelConfig, resume: bool = False, overwrite: bool = False
     accelerator, training, data = run_.accelerator, config.training, config.data
 
     # 2. Tokenizer (right padding: encoders pool their first token) and the model with its scalar head
-    tokenizer = load_tokenizer(
-        config.model.tokenizer_name_or_path or config.model.model_name_or_path, padding_side="right",
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
-    )
+    tokenizer = load_stage_tokenizer(config.model, padding_side="right")
     model = load_reward_model(config, tokenizer)
 
     # 3. Data: pairs -> token ids (truncated or dropped when too long); both sides of a pair in one batch

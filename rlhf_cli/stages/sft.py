@@ -12,7 +12,7 @@ from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.packing import pack_dataset
 from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import load_model, load_tokenizer
+from rlhf_cli.models.loading import load_model, load_stage_tokenizer
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
@@ -135,10 +135,7 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     accelerator, training = run_.accelerator, config.training
 
     # 2. Tokenizer and model (a LoRA adapter on top when asked)
-    tokenizer = load_tokenizer(
-        config.model.tokenizer_name_or_path or config.model.model_name_or_path,
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
-    )
+    tokenizer = load_stage_tokenizer(config.model)
     model = load_model(
         config.model.model_name_or_path, task="causal-lm", dtype=config.model.dtype,
         trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
