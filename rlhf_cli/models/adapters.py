@@ -7,6 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from rlhf_cli.config.sections import PeftConfig
+from rlhf_cli.models.dropout import original_dropout_config
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,14 @@ def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: lis
 
 
 def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
-    """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`)."""
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    if isinstance(model, PeftModel) and peft_cfg.save_merged:
-        merged = model.merge_and_unload()  # the adapter is folded into the base weights in place
-        merged.save_pretrained(output_dir / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(output_dir / "merged")
-        log.info("merged weights written to %s", output_dir / "merged")
+    """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`).
+
+    The config is written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
+    with original_dropout_config(model):
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        if isinstance(model, PeftModel) and peft_cfg.save_merged:
+            merged = model.merge_and_unload()  # the adapter is folded into the base weights in place
+            merged.save_pretrained(output_dir / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(output_dir / "merged")
+            log.info("merged weights written to %s", output_dir / "merged")
