@@ -40,12 +40,15 @@ def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: lis
 def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
     """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`).
 
-    The config is written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
+    An adapter folder holds the adapter that trained (the active one) only: a frozen `reference`
+    adapter (PPO started from an adapter folder, models/policy.py) is not part of the result. The
+    config is written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
+    extra = {"selected_adapters": list(model.active_adapters)} if isinstance(model, PeftModel) else {}
     with original_dropout_config(model):
-        model.save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, safe_serialization=True, **extra)
         tokenizer.save_pretrained(output_dir)
         if isinstance(model, PeftModel) and peft_cfg.save_merged:
-            merged = model.merge_and_unload()  # the adapter is folded into the base weights in place
+            merged = model.merge_and_unload()  # the active adapter is folded into the base weights in place
             merged.save_pretrained(output_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(output_dir / "merged")
             log.info("merged weights written to %s", output_dir / "merged")

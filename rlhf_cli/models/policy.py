@@ -1,7 +1,9 @@
 """The PPO policy (with its value head or a separate critic) and the frozen reference."""
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -14,6 +16,7 @@ from rlhf_cli.models.loading import load_model
 from rlhf_cli.models.value_head import PolicyWithValue, ValueHead, hidden_size
 
 log = logging.getLogger(__name__)
+REFERENCE_ADAPTER = "reference"  # the frozen starting adapter when PPO starts from an adapter folder
 
 
 def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str | None = None) -> bool:
@@ -33,19 +36,30 @@ def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str
 
 
 def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None):
-    """(PolicyWithValue, reference or None). The reference is None when the policy trains through a
-    LoRA adapter: then the reference is the same weights with the adapter disabled."""
+    """(PolicyWithValue, reference or None). The reference is the starting policy, frozen:
+
+    - full weights: a frozen copy (returned);
+    - a fresh LoRA adapter (peft.use_peft on full weights): None, the same weights with the adapter
+      disabled, which is the starting policy since a fresh adapter adds zero;
+    - an adapter folder (e.g. the output of `rlhf sft` with peft.use_peft): None; the folder is loaded
+      a second time into the same PeftModel as a frozen adapter named `reference`. Disabling the
+      trained adapter would give the base model before SFT, not the starting policy.
+    `reference_mode(policy)` runs the policy as its reference in every case.
+    """
     name = model_cfg.model_name_or_path
     task = "seq2seq-lm" if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision) else "causal-lm"
     common = {"task": task, "dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code,
               "revision": model_cfg.revision, "seed": seed}
     policy = load_model(name, is_trainable=True, **common)
-    adapter = hasattr(policy, "peft_config")
+    from_adapter_folder = hasattr(policy, "peft_config")
+    adapter = from_adapter_folder
     if peft_cfg.use_peft and not adapter:
         policy = apply_lora(policy, peft_cfg, task_type="SEQ_2_SEQ_LM" if task == "seq2seq-lm" else "CAUSAL_LM")
         adapter = True
     reference = None
-    if not adapter:
+    if from_adapter_folder:
+        add_reference_adapter(policy, name)
+    elif not adapter:
         reference = load_model(name, **common).eval().requires_grad_(False)
         disable_dropout(reference)
     disable_dropout(policy)
@@ -61,6 +75,41 @@ def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic:
     if value_head is not None and critic_backbone is None and value_head.summary.in_features != hidden_size(policy):
         raise UserError(f"{name}: its value head does not match the model's hidden size.")
     return PolicyWithValue(policy, value_head, critic_backbone), reference
+
+
+def add_reference_adapter(policy, folder: str) -> None:
+    """Load the adapter in `folder` a second time, frozen, as the policy's `reference` adapter: the
+    starting policy, at the cost of one more adapter's weights (not a second copy of the base)."""
+    device = next(policy.parameters()).device
+    policy.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False, torch_device=str(device))
+    log.info("reference: the starting adapter %s, kept frozen as adapter %r beside the trained one",
+             folder, REFERENCE_ADAPTER)
+
+
+def has_reference_adapter(policy) -> bool:
+    """Whether the policy's reference is its frozen `reference` adapter (True) or the policy with its
+    adapter disabled (False; a fresh LoRA adapter)."""
+    return REFERENCE_ADAPTER in getattr(policy, "peft_config", {})
+
+
+@contextlib.contextmanager
+def reference_mode(policy) -> Iterator[None]:
+    """Inside, the LoRA policy computes the reference: with its `reference` adapter active when it
+    has one, else with its adapter disabled. peft's `set_adapter` changes requires_grad of adapter
+    weights; the trainable adapter's flags are put back exactly as they were."""
+    if not has_reference_adapter(policy):
+        with policy.disable_adapter():
+            yield
+        return
+    trained = policy.active_adapter
+    requires_grad = [(p, p.requires_grad) for p in policy.parameters()]
+    policy.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        policy.set_adapter(trained)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
 
 
 def load_critic(name: str, model_cfg: ModelConfig, seed: int):

@@ -175,14 +175,16 @@ class PPOTrainer:
         return torch.nn.functional.pad(logits, (0, 0, 0, pad)), torch.nn.functional.pad(values, (0, pad))
 
     def reference_logits(self, r: Rollout, idx) -> torch.Tensor:
-        """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the policy
-        with its LoRA adapter disabled."""
+        """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
+        policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
+        from rlhf_cli.models.policy import reference_mode
+
         inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
         if self.reference is not None:
             logits = self.reference(**inputs, use_cache=False).logits
         else:
             policy = self.unwrapped.policy
-            with policy.disable_adapter():
+            with reference_mode(policy):
                 logits = policy(**inputs, use_cache=False).logits
         return self._response_logits(logits, P, T, self.reference_keeps_logits)
 

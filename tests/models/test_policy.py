@@ -55,3 +55,73 @@ def test_separate_critic_starts_from_the_reward_model(tmp_path):
     # the critic's value at each position is the reward model's score head on its hidden state
     hidden = rm.transformer(**inputs).last_hidden_state
     assert torch.allclose(values, rm.score(hidden).squeeze(-1), atol=1e-5)
+
+
+def adapter_folder(tmp_path):
+    """A LoRA adapter on builtin:tiny-gpt2 whose weights moved (adapter on != adapter off), saved as
+    `rlhf sft` with peft.use_peft saves it."""
+    from rlhf_cli.models.adapters import apply_lora
+
+    model = apply_lora(load_model("builtin:tiny-gpt2", task="causal-lm", is_trainable=True), PeftConfig(use_peft=True),
+                       task_type="CAUSAL_LM")
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path / "sft-adapter"
+    model.save_pretrained(folder)
+    load_tokenizer("builtin:tiny-gpt2").save_pretrained(folder)
+    return folder
+
+
+def test_policy_from_an_adapter_folder_has_the_starting_policy_as_reference(tmp_path):
+    from rlhf_cli.models.policy import has_reference_adapter, reference_mode
+
+    model, reference = load_policy(ModelConfig(model_name_or_path=str(adapter_folder(tmp_path))), PeftConfig(), seed=0)
+    policy = model.policy.eval()
+    assert reference is None and has_reference_adapter(policy)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n or n.startswith("value_head") for n in trainable)
+    inputs = batch()
+    with torch.no_grad():
+        start = policy(**inputs).logits
+        with reference_mode(policy):
+            ref = policy(**inputs).logits
+        with policy.disable_adapter():
+            base = policy(**inputs).logits
+    assert torch.equal(ref, start)  # KL 0 before any update
+    assert not torch.allclose(base, start, atol=1e-2)  # the base model before SFT is not the reference
+    # the trained adapter is active and trainable again; the reference adapter stays frozen
+    assert policy.active_adapter == "default"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_fresh_lora_reference_is_the_adapter_disabled():
+    from rlhf_cli.models.policy import has_reference_adapter, reference_mode
+
+    model, _ = load_policy(ModelConfig(model_name_or_path="builtin:tiny-gpt2"), PeftConfig(use_peft=True), seed=0)
+    policy = model.policy.eval()
+    assert not has_reference_adapter(policy)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.fill_(0.1)  # as after some updates
+        with reference_mode(policy):
+            ref = policy(**batch()).logits
+        with policy.disable_adapter():
+            base = policy(**batch()).logits
+    assert torch.equal(ref, base)
+
+
+def test_final_model_holds_only_the_trained_adapter(tmp_path):
+    from peft import PeftModel
+
+    from rlhf_cli.models.adapters import save_final_model
+
+    folder = adapter_folder(tmp_path)
+    model, _ = load_policy(ModelConfig(model_name_or_path=str(folder)), PeftConfig(), seed=0)
+    out = tmp_path / "out"
+    save_final_model(model.policy, load_tokenizer("builtin:tiny-gpt2"), out, PeftConfig())
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "reference").exists()
+    again = PeftModel.from_pretrained(load_model("builtin:tiny-gpt2", task="causal-lm"), out)
+    assert list(again.peft_config) == ["default"]

@@ -278,3 +278,34 @@ def test_ppo_raises_held_out_sentiment_with_bounded_kl(cli, tmp_path, write_yaml
     kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
     assert after - before >= 0.2, (before, after)
     assert max(kl) < 25.0, kl
+
+
+def test_ppo_from_an_sft_adapter_folder_starts_at_kl_zero(cli, tmp_path, write_yaml):
+    """Started from a LoRA adapter folder (what `rlhf sft` with peft.use_peft writes), the reference is
+    that starting adapter, not the base model with the adapter off: KL is 0 before the first update,
+    and the result is one adapter on the same base (the frozen reference adapter is not saved)."""
+    from peft import PeftModel
+
+    from rlhf_cli.config.sections import PeftConfig
+    from rlhf_cli.models.adapters import apply_lora
+    from rlhf_cli.models.loading import load_model, load_tokenizer
+
+    sft = apply_lora(load_model("builtin:tiny-gpt2", task="causal-lm", is_trainable=True), PeftConfig(use_peft=True),
+                     task_type="CAUSAL_LM")
+    with torch.no_grad():  # as after SFT: adapter on != adapter off
+        for name, weight in sft.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    folder = tmp_path / "sft"
+    sft.save_pretrained(folder)
+    load_tokenizer("builtin:tiny-gpt2").save_pretrained(folder)
+
+    out = tmp_path / "out"
+    result = cli("ppo", str(write_yaml("ppo.yaml", ppo_config(out, model=str(folder)))), "--set", "ppo.total_episodes=16",
+                 "--set", "data.dataset_test_split=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
+    assert abs(kl[0]) < 1e-3, kl  # before the fix: ~0.5 nats (the base model was the reference)
+    assert not (out / "reference").exists()
+    policy = PeftModel.from_pretrained(load_model("builtin:tiny-gpt2", task="causal-lm"), out)
+    assert list(policy.peft_config) == ["default"]
