@@ -36,6 +36,7 @@ def policy_loss(
     logprobs: (B, T) log pi(a_t) under the current policy (with grad); old_logprobs: (B, T) from
     the rollout; advantages: (B, T) (whitened); mask: (B, T) bool.
     Returns the scalar loss and detached stats (scalars, masked means over valid tokens):
+        loss      the per-token mean of the loss (whatever `num_tokens` divides the returned loss by)
         approxkl  0.5 * mean((logprobs - old_logprobs)^2), an estimate of KL(pi_old || pi)
         clipfrac  fraction of tokens where the clipped term is the larger one (the one in use)
         ratio     mean of rho_t
@@ -46,9 +47,11 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = _reduce(torch.maximum(unclipped, clipped), mask, num_tokens)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = _reduce(per_token, mask, num_tokens)
     with torch.no_grad():
         stats = {
+            "loss": masked_mean(per_token.detach(), mask),
             "approxkl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
             "ratio": masked_mean(ratio.detach(), mask),
@@ -65,22 +68,28 @@ def value_loss(
     num_tokens: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_clipped - R)^2)),
-    V_clipped = V_old + clip(V - V_old, -c, c).
+    V_clipped = clamp(V, V_old - c, V_old + c).
 
     values: (B, T) current predictions (with grad); old_values: (B, T) rollout predictions;
     returns: (B, T) GAE returns; mask: (B, T) bool.
-    Returns the scalar loss and detached stats: `clipfrac` (fraction of valid tokens where the
-    clipped term is the larger one) and `vpred` (mean prediction).
+    Returns the scalar loss and detached stats: `loss` (the per-token mean, whatever `num_tokens`
+    divides the returned loss by), `clipfrac` (fraction of valid tokens where the clipped term is
+    the larger one) and `vpred` (mean prediction).
+
+    V_clipped is a clamp of V itself, not V_old + clamp(V - V_old): inside the range the clamp
+    returns V bit for bit, so an unclipped token can never count as clipped through rounding
+    (V_old + (V - V_old) is not always V in floating point).
     """
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    delta = torch.where(mask, values - old_values, zero)  # V - V_old
-    error = torch.where(mask, values - returns, zero)  # V - R
-    clipped_error = error - delta + torch.clamp(delta, -cliprange_value, cliprange_value)  # V_clipped - R
-    unclipped_sq = error**2
-    clipped_sq = clipped_error**2
-    loss = 0.5 * _reduce(torch.maximum(unclipped_sq, clipped_sq), mask, num_tokens)
+    old_values = torch.where(mask, old_values.to(values.dtype), zero)
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped_sq = torch.where(mask, values - returns, zero) ** 2
+    clipped_sq = torch.where(mask, clipped_values - returns, zero) ** 2
+    per_token = 0.5 * torch.maximum(unclipped_sq, clipped_sq)
+    loss = _reduce(per_token, mask, num_tokens)
     with torch.no_grad():
         stats = {
+            "loss": masked_mean(per_token.detach(), mask),
             "clipfrac": masked_mean((clipped_sq > unclipped_sq).to(values.dtype), mask),
             "vpred": masked_mean(values.detach(), mask),
         }

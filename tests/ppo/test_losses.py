@@ -99,3 +99,17 @@ def test_loss_gradients_vanish_at_invalid_positions():
         for grad in (logprobs.grad, values.grad):
             assert torch.isfinite(grad).all()
             assert (grad[~mask] == 0).all()
+
+
+def test_value_clipfrac_is_zero_when_nothing_is_clipped():
+    """Every |V - V_old| well inside the clip range: no token is clipped, whatever the rounding.
+    (V_old + (V - V_old) differs from V in the last bit for a few percent of such tokens; the
+    clipped prediction must be V itself there, or `>` counts rounding as clipping.)"""
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(64, 50, generator=gen)
+    values = (old + 0.19 * (2 * torch.rand(64, 50, generator=gen) - 1)).requires_grad_()  # |delta| < 0.19 < 0.2
+    returns = 3 * torch.randn(64, 50, generator=gen)
+    mask = torch.ones(64, 50, dtype=torch.bool)
+    loss, stats = value_loss(values, old, returns, mask, cliprange_value=0.2)
+    assert stats["clipfrac"].item() == 0.0
+    assert_close(loss, 0.5 * ((values - returns) ** 2).mean())
