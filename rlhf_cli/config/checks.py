@@ -1,5 +1,6 @@
 """Rules that involve more than one key. Single-key types and ranges are checked by the loader."""
 
+from pathlib import Path
 from typing import Any
 
 from rlhf_cli.config.sections import GenerationConfig, RewardSourceConfig, TrainingConfig
@@ -9,6 +10,41 @@ from rlhf_cli.errors import UserError
 def check_training(training: TrainingConfig) -> None:
     if training.bf16 and training.fp16:
         raise UserError("training.bf16 and training.fp16 are both true; choose at most one.")
+
+
+# half-precision weights and the mixed-precision flag that gives the same compute with float32 weights
+HALF_DTYPES = {"bfloat16": "training.bf16", "float16": "training.fp16"}
+
+
+def check_trainable_dtype(stage: str, config: Any) -> None:
+    """Refuse full weights that train in bfloat16/float16. AdamW keeps no float32 copy of them, so
+    every step smaller than half a unit in the last place of a weight rounds away (at a learning rate
+    of 1e-6, 98% of the weights of a bf16 model are unchanged after 10 steps). LoRA is fine: peft keeps
+    adapter weights in float32 over a frozen half-precision base. (`model.dtype: auto` on a folder
+    saved in half precision is upcast where the model is loaded for training: models/loading.py.)"""
+    if stage not in ("sft", "reward", "ppo") or config.model.dtype not in HALF_DTYPES:
+        return
+    dtype = config.model.dtype
+    name = config.model.model_name_or_path
+    # sft and ppo keep training the adapter of an adapter folder; the reward stage merges it unless use_peft
+    adapter = config.peft.use_peft or (stage != "reward" and (Path(name) / "adapter_config.json").is_file())
+    critic = config.ppo.value_model_name_or_path if stage == "ppo" else None
+    if adapter and critic is None:
+        return
+    flag = HALF_DTYPES[dtype]
+    if critic is not None and adapter:
+        raise UserError(
+            f"model.dtype: {dtype} would train the separate critic (ppo.value_model_name_or_path, loaded in "
+            f"model.dtype) with all its weights in {dtype}, which loses most updates (no float32 master "
+            f"weights). Use model.dtype: float32 with {flag}: true ({dtype} compute, float32 weights), or drop "
+            "ppo.value_model_name_or_path to use a value head on the policy."
+        )
+    raise UserError(
+        f"model.dtype: {dtype} with full-weight training (peft.use_peft is false) loses most updates: "
+        f"AdamW keeps no float32 copy of the weights, and steps smaller than {dtype}'s precision round away. "
+        f"Use model.dtype: float32 with {flag}: true ({dtype} compute, float32 weights), or train a LoRA "
+        "adapter (peft.use_peft: true), whose weights peft keeps in float32."
+    )
 
 
 def check_reward_source(source: RewardSourceConfig, key: str) -> None:
@@ -56,6 +92,7 @@ def check_generation(gen: GenerationConfig) -> None:
 def check_stage(stage: str, config: Any) -> None:
     if hasattr(config, "training"):
         check_training(config.training)
+    check_trainable_dtype(stage, config)
     if hasattr(config, "generation"):
         check_generation(config.generation)
     if stage in ("ppo", "eval"):

@@ -22,7 +22,15 @@ class ModelConfig:
         None, "Tokenizer to use; null means the one saved with the model."
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
-    dtype: str = option("auto", "Dtype the weights are loaded in.", choices=DTYPES)
+    dtype: str = option(
+        "auto",
+        "Dtype the weights are loaded in; `auto`: the dtype the checkpoint was saved in (built-ins: float32). "
+        "Weights that train must be float32 (AdamW on half-precision weights loses small updates): "
+        "`bfloat16`/`float16` suits a frozen base under a LoRA adapter (`peft.use_peft`) and is refused when "
+        "full weights train; for half-precision compute use `float32` with `training.bf16`/`training.fp16`. "
+        "`rlhf ppo` upcasts full weights that `auto` loads in half precision.",
+        choices=DTYPES,
+    )
     trust_remote_code: bool = option(
         False, "Run modelling code shipped with a Hub model. Off by default; announced when on."
     )

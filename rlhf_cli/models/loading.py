@@ -42,6 +42,7 @@ AUTO_CLASSES = {
 # "auto": the dtype the checkpoint was saved in (transformers 5 passes it as `dtype=`, not `torch_dtype=`);
 # built-in models are float32.
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = (torch.bfloat16, torch.float16)
 ADAPTER_CONFIG = "adapter_config.json"
 # Any of these marks a folder that holds a tokenizer (fast, sentencepiece or BPE/WordPiece vocab files).
 TOKENIZER_FILES = (
@@ -139,6 +140,28 @@ def load_model(
         return fuse_activations(AUTO_CLASSES[task].from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
         ))
+
+
+def float32_master_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """Full weights that train must be float32: AdamW keeps no float32 copy, and updates smaller
+    than bfloat16's/float16's precision round away (most of them, at RLHF learning rates). An
+    explicit `model.dtype: bfloat16`/`float16` with full-weight training is refused by the config
+    check (config/checks.py); this handles `model.dtype: auto` on a checkpoint saved in half
+    precision (most Hub models): a model whose trainable weights are half precision is upcast to
+    float32, with a log line. A PEFT model is returned as it is: peft keeps adapter weights in
+    float32 over a frozen half-precision base. Call it once the trainable weights are decided."""
+    if hasattr(model, "peft_config"):
+        return model
+    half = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad and p.dtype in HALF}
+    if not half:
+        return model
+    log.info(
+        "%s loaded with %s weights (model.dtype auto keeps the saved dtype); its full weights train, so "
+        "they are upcast to float32 (AdamW on half-precision weights loses most updates). training.bf16: true "
+        "keeps bfloat16 compute; peft.use_peft: true with model.dtype: bfloat16 keeps a frozen half-precision base.",
+        getattr(model, "name_or_path", "the model"), "/".join(sorted(half)),
+    )
+    return model.float()
 
 
 def _attach_adapter(base_model: PreTrainedModel, folder: str, is_trainable: bool) -> PreTrainedModel:

@@ -12,7 +12,7 @@ from rlhf_cli.config.sections import ModelConfig, PeftConfig
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import apply_lora
 from rlhf_cli.models.dropout import disable_dropout
-from rlhf_cli.models.loading import load_model
+from rlhf_cli.models.loading import float32_master_weights, load_model
 from rlhf_cli.models.value_head import PolicyWithValue, ValueHead, hidden_size
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic:
     if from_adapter_folder:
         add_reference_adapter(policy, name)
     elif not adapter:
-        reference = load_model(name, **common).eval().requires_grad_(False)
+        policy = float32_master_weights(policy)  # model.dtype auto on a half-precision folder
+        # the reference is the starting policy: the same weights in the same dtype
+        reference = load_model(name, **common).to(policy.dtype).eval().requires_grad_(False)
         disable_dropout(reference)
     disable_dropout(policy)
 
@@ -119,7 +121,7 @@ def load_critic(name: str, model_cfg: ModelConfig, seed: int):
                             config_key="ppo.value_model_name_or_path")
     if hasattr(classifier, "merge_and_unload"):
         classifier = classifier.merge_and_unload()
-    backbone = classifier.base_model
+    backbone = float32_master_weights(classifier.base_model)  # the critic trains all its weights
     head = ValueHead(hidden_size(classifier))
     score = classifier.score if hasattr(classifier, "score") else None
     if score is not None and score.weight.shape == head.summary.weight.shape:

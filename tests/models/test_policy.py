@@ -125,3 +125,44 @@ def test_final_model_holds_only_the_trained_adapter(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and not (out / "reference").exists()
     again = PeftModel.from_pretrained(load_model("builtin:tiny-gpt2", task="causal-lm"), out)
     assert list(again.peft_config) == ["default"]
+
+
+def bf16_folder(tmp_path, task: str = "causal-lm"):
+    """A model saved in bfloat16, as most Hub models are: model.dtype auto loads it in bfloat16."""
+    model = load_model("builtin:tiny-gpt2", task=task, dtype="bfloat16", seed=3)
+    folder = tmp_path / f"bf16-{task}"
+    model.save_pretrained(folder)
+    load_tokenizer("builtin:tiny-gpt2").save_pretrained(folder)
+    return folder
+
+
+def test_full_weights_saved_in_bf16_train_in_float32(tmp_path):
+    folder = bf16_folder(tmp_path)
+    assert load_model(str(folder), task="causal-lm").dtype == torch.bfloat16  # what auto gives
+    model, reference = load_policy(ModelConfig(model_name_or_path=str(folder)), PeftConfig(), seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}  # the same starting weights
+    # float32 master weights keep small updates: after 10 AdamW steps at lr 1e-6 most weights moved
+    # (in bfloat16, about 98% stayed exactly as they were)
+    policy = model.policy
+    start = [p.detach().clone() for p in policy.parameters()]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
+    inputs = batch()
+    for _ in range(10):
+        policy(**inputs).logits.float().logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    unchanged = sum((a == p).sum().item() for a, p in zip(start, policy.parameters(), strict=True))
+    assert unchanged / sum(a.numel() for a in start) < 0.5
+
+
+def test_lora_on_a_bf16_base_keeps_the_base_in_bf16(tmp_path):
+    model, _ = load_policy(ModelConfig(model_name_or_path=str(bf16_folder(tmp_path))), PeftConfig(use_peft=True), seed=0)
+    assert {p.dtype for p in model.policy.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.policy.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_separate_critic_saved_in_bf16_trains_in_float32(tmp_path):
+    folder = bf16_folder(tmp_path, "sequence-classification")
+    model, _ = load_policy(ModelConfig(model_name_or_path="builtin:tiny-gpt2"), PeftConfig(), seed=0, critic=str(folder))
+    assert {p.dtype for p in model.critic.parameters()} == {torch.float32}
