@@ -23,7 +23,8 @@ def hidden_size(model) -> int:
 
 
 class ValueHead(nn.Module):
-    """hidden (B, T, H) -> value (B, T). Kept in float32 whatever the policy's dtype."""
+    """hidden (B, T, H) -> value (B, T). Kept and computed in float32 whatever the policy's dtype,
+    under autocast too (a bf16 matmul would round the values that GAE and the value loss use)."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -33,7 +34,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
     def save(self, folder: str | Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

@@ -35,15 +35,28 @@ def lengths_to_mask(lengths: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(-1)
 
 
+def trailing_pad_lengths(responses: Tensor, pad_token_id: int) -> Tensor:
+    """Lengths of right-padded rows: everything before the final run of pad tokens.
+
+    responses: (B, T)  ->  (B,) long. Only for a pad token that is not the stop token (where pad ==
+    eos, trailing eos tokens are the stop token and its padding, which `truncate_after_stop` cuts).
+    """
+    T = responses.shape[-1]
+    real_from_end = first_true_index((responses != pad_token_id).flip(-1))  # T for an all-pad row
+    return T - real_from_end
+
+
 def truncate_after_stop(
-    responses: Tensor, stop_token_id: int | None, pad_token_id: int
+    responses: Tensor, stop_token_id: int | None, pad_token_id: int, lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Cut each response after its first stop token (implementation detail 1: stop at EOS).
 
-    responses: (B, T) raw generated token ids.
+    responses: (B, T) raw generated token ids; lengths: (B,) optional, how many tokens of each row
+    are the response (the rest is padding: never searched, never kept); default all T.
     Returns
         truncated: (B, T) the stop token kept, everything after it replaced by `pad_token_id`;
-        lengths:   (B,) long, tokens up to and including the stop token (T where it never stopped);
+        lengths:   (B,) long, tokens up to and including the stop token (the row's length where it
+                   never stopped);
         stopped:   (B,) bool, whether a stop token occurred.
 
     Only the first occurrence of `stop_token_id` in the raw tokens counts; pads are never looked
@@ -51,13 +64,15 @@ def truncate_after_stop(
     place. `stop_token_id=None` means responses never stop (fixed-length generation).
     """
     B, T = responses.shape
-    if stop_token_id is None:
+    if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=responses.device)
+    lengths = lengths.to(device=responses.device, dtype=torch.long)
+    if stop_token_id is None:
         stopped = torch.zeros(B, dtype=torch.bool, device=responses.device)
-        return responses.clone(), lengths, stopped
-    first = first_true_index(responses == stop_token_id)
-    stopped = first < T
-    lengths = torch.where(stopped, first + 1, first)  # `first` is T where there was no stop
+    else:
+        first = first_true_index((responses == stop_token_id) & lengths_to_mask(lengths, T))
+        stopped = first < T
+        lengths = torch.where(stopped, first + 1, lengths)  # `first` is T where there was no stop
     truncated = responses.masked_fill(~lengths_to_mask(lengths, T), pad_token_id)
     return truncated, lengths, stopped
 

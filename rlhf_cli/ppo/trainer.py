@@ -33,9 +33,18 @@ from rlhf_cli.ppo.generation import (
 from rlhf_cli.ppo.kl import kl_per_token, make_kl_controller
 from rlhf_cli.ppo.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_cli.ppo.losses import policy_loss, value_loss
-from rlhf_cli.ppo.masking import lengths_to_mask, masked_mean, masked_var, masked_whiten, truncate_after_stop
+from rlhf_cli.ppo.masking import (
+    lengths_to_mask,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    trailing_pad_lengths,
+    truncate_after_stop,
+)
 from rlhf_cli.ppo.rewards import apply_missing_eos_penalty, clip_scores, per_token_rewards
 from rlhf_cli.training.optim import make_optimizer, make_scheduler
+from rlhf_cli.training.optimizer_step import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +101,7 @@ class PPOTrainer:
         install_sampling_config(self.unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
         self.episode = 0
         self.nonfinite_skips = 0  # rollouts and optimizer steps skipped for NaN/inf (skip_nonfinite_batches)
+        self.fp16_overflow_skips = 0  # optimizer steps the fp16 gradient scaler skipped (not faults)
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -118,10 +128,11 @@ class PPOTrainer:
         policy, pieces = self.unwrapped.policy, []
         for i in range(0, len(query_ids), chunk):
             q, m = query_ids[i : i + chunk], query_mask[i : i + chunk]
-            if self.stats_from_generation:
-                pieces.append(sample_with_logprobs(policy, self.unwrapped.value_head, q, m, self.temperature))
-            else:
-                pieces.append((sample_responses(policy, q, m), None, None))
+            with self.accelerator.autocast():  # the precision of the update's forward (docs/ppo.md, Precision)
+                if self.stats_from_generation:
+                    pieces.append(sample_with_logprobs(policy, self.unwrapped.value_head, q, m, self.temperature))
+                else:
+                    pieces.append((sample_responses(policy, q, m), None, None))
         width = max(p[0].shape[1] for p in pieces)
 
         def joined(k: int, value) -> torch.Tensor | None:
@@ -133,17 +144,40 @@ class PPOTrainer:
         responses = joined(0, self.tokenizer.pad_token_id)
         return self.rollout_from(query_ids, query_mask, responses, joined(1, 0.0), joined(2, 0.0))
 
-    def rollout_from(self, query_ids, query_mask, response_ids, logprobs=None, values=None) -> Rollout:
-        """Truncate raw responses after the stop token and decode both sides."""
-        response_ids, lengths, stopped = truncate_after_stop(response_ids, self.stop_id, self.tokenizer.pad_token_id)
+    def rollout_from(self, query_ids, query_mask, response_ids, logprobs=None, values=None,
+                     response_lengths: torch.Tensor | None = None) -> Rollout:
+        """A rollout from encoded queries (B, P) left-padded and responses (B, T) right-padded:
+        responses are cut after the stop token, and right padding is masked -- the first
+        `response_lengths` tokens of each row are the response when given; else, when the pad token
+        is not the stop token, everything before a row's trailing pad tokens."""
+        pad = self.tokenizer.pad_token_id
+        if response_lengths is None and pad != self.stop_id:
+            response_lengths = trailing_pad_lengths(response_ids, pad)
+        response_ids, lengths, stopped = truncate_after_stop(response_ids, self.stop_id, pad, response_lengths)
+        if not bool((lengths > 0).all()):
+            empty = int((lengths == 0).nonzero()[0])
+            raise ValueError(f"response row {empty} is empty (only padding); every response needs a token to score")
         mask = lengths_to_mask(lengths, response_ids.shape[1])
         decode = self.tokenizer.batch_decode
         return Rollout(
             query_ids, query_mask, response_ids, mask, stopped,
             prompts=decode(query_ids, skip_special_tokens=True),
-            responses=decode(response_ids.masked_fill(~mask, self.tokenizer.pad_token_id), skip_special_tokens=True),
+            responses=decode(response_ids.masked_fill(~mask, pad), skip_special_tokens=True),
             logprobs=logprobs, values=values,
         )
+
+    def rollout_from_lists(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> Rollout:
+        """A rollout from token lists as TRL's `step` took them: 1-D query and response tensors of
+        any lengths (no padding, responses as sampled; they are still cut after the stop token)."""
+        if len(queries) != len(responses) or not queries:
+            raise ValueError(f"got {len(queries)} queries and {len(responses)} responses; give the same number, >= 1")
+        device = self.accelerator.device
+        query_ids, query_mask = left_pad([q.tolist() for q in queries], self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(x) for x in responses])
+        response_ids = torch.nn.utils.rnn.pad_sequence([x.long().cpu() for x in responses], batch_first=True,
+                                                       padding_value=self.tokenizer.pad_token_id)
+        return self.rollout_from(query_ids.to(device), query_mask.to(device), response_ids.to(device),
+                                 response_lengths=lengths.to(device))
 
     # ------------------------------------------------------------------ forward passes
 
@@ -193,36 +227,59 @@ class PPOTrainer:
         """Old log-probs, values and reference log-probs (each (B, T)), in micro-batches, no grad.
         Old log-probs and values that generation recorded are used as they are."""
         self.model.eval()
-        chunk = self.ppo.local_rollout_forward_batch_size
-        recorded = r.logprobs is not None and r.values is not None
-        logprobs, values, ref_logprobs = [], [], []
         width = r.response_ids.shape[1]
 
         def full_width(x: torch.Tensor) -> torch.Tensor:  # (b, T') -> (b, T): zeros past every row's end
             return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
-        for start in range(0, len(r.query_ids), chunk):
-            idx = slice(start, start + chunk)
-            if not recorded:
-                logits, v = self._policy_forward(r, idx)
-                tokens = r.response_ids[idx, : logits.shape[1]]
-                logprobs.append(full_width(logprobs_from_logits(logits, tokens, self.temperature)))
-                values.append(full_width(v.float()))
-                del logits
-            ref = self.reference_logits(r, idx)
+        def passes(rows: int):
+            return (slice(start, start + rows) for start in range(0, len(r.query_ids), rows))
+
+        ref_logprobs = []
+        for idx in passes(self.ppo.local_rollout_forward_batch_size):
+            with self.accelerator.autocast():  # the policy's forward runs under it too (prepared model)
+                ref = self.reference_logits(r, idx)
             tokens = r.response_ids[idx, : ref.shape[1]]
             ref_logprobs.append(full_width(logprobs_from_logits(ref, tokens, self.temperature)))
-        if recorded:
+        if r.logprobs is not None and r.values is not None:
             return r.logprobs, r.values, torch.cat(ref_logprobs)
+
+        logprobs, values = [], []
+        for idx in passes(self.ppo.local_rollout_forward_batch_size):
+            logits, v = self._policy_forward(r, idx)
+            tokens = r.response_ids[idx, : logits.shape[1]]
+            logprobs.append(full_width(logprobs_from_logits(logits, tokens, self.temperature)))
+            values.append(full_width(v.float()))
+            del logits
         return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
 
     # ------------------------------------------------------------------ the PPO step
 
-    def step(self, r: Rollout, scores: torch.Tensor) -> dict[str, float]:
-        """One PPO update on a rollout and its scores (B,); returns the iteration's statistics."""
+    def step(self, rollout: Rollout | list[torch.Tensor], *args) -> dict[str, float]:
+        """One PPO update; returns the iteration's statistics. Either
+
+            step(rollout, scores)               a Rollout from `generate` / `rollout_from`, scores (B,)
+            step(queries, responses, scores)    TRL's form: lists of 1-D token tensors, scores a list
+                                                of floats or 0-d tensors, or a (B,) tensor
+
+        Any number of rows B >= 1 works (the mini-batches are sized from the rollout)."""
+        if len(args) == 2:
+            rollout, scores = self.rollout_from_lists(rollout, args[0]), args[1]
+        elif len(args) == 1:
+            (scores,) = args
+        else:
+            raise TypeError("step(rollout, scores) or step(queries, responses, scores)")
+        if not torch.is_tensor(scores):
+            scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores])
+        if scores.shape != (len(rollout.query_ids),):
+            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected ({len(rollout.query_ids)},), one per row")
+        return self._step(rollout, scores)
+
+    def _step(self, r: Rollout, scores: torch.Tensor) -> dict[str, float]:
         device, ppo = self.accelerator.device, self.ppo
         mask = r.response_mask
         started = time.perf_counter()
+        kl_coef = self.kl_ctl.value  # the coefficient this iteration's rewards use (logged as used)
 
         # 1. Old log-probs, values, reference log-probs
         logprobs, values, ref_logprobs = self.evaluate(r)
@@ -232,7 +289,7 @@ class PPOTrainer:
         raw_scores = scores.to(device).float()
         scores = clip_scores(apply_missing_eos_penalty(raw_scores, r.stopped, ppo.missing_eos_penalty), ppo.reward_clip)
         kl = kl_per_token(logprobs, ref_logprobs, ppo.kl_estimator).masked_fill(~mask, 0.0)
-        rewards, non_score = per_token_rewards(scores, kl, mask, self.kl_ctl.value)
+        rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
         if ppo.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
@@ -255,7 +312,7 @@ class PPOTrainer:
             "objective/non_score_reward": self._mean(non_score.sum(1)),
             "objective/rlhf_reward": self._mean(non_score.sum(1) + scores),
             "objective/scores": self._mean(raw_scores),
-            "objective/kl_coef": self.kl_ctl.value,
+            "objective/kl_coef": kl_coef,
             "val/num_eos_tokens": float(self.accelerator.reduce(r.stopped.sum().float(), "sum").item()),
             "val/response_length": self._mean(mask.sum(1).float()),
             "lr": self.scheduler.get_last_lr()[0],
@@ -281,84 +338,96 @@ class PPOTrainer:
         return self.accelerator.reduce(x.float().mean(), "mean").item()
 
     def _update(self, r: Rollout, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
-        ppo, training = self.ppo, self.config.training
+        """num_ppo_epochs passes over the rollout, each in num_mini_batches optimizer steps.
+
+        Sized from the rollout, so any B >= 1 works: each epoch the shuffled rows split into
+        min(num_mini_batches, B) near-equal mini-batches, each into micro-batches of at most
+        per_device_train_batch_size rows. A mini-batch's loss is the mean over its valid tokens (on
+        every process): each micro-batch's summed loss is divided by the mini-batch's token count,
+        so a long micro-batch weighs more than a short one, token for token. Statistics are
+        per-token means over the whole update."""
+        ppo, training, accelerator = self.ppo, self.config.training, self.accelerator
         rows = len(r.query_ids)
-        mini = rows // ppo.num_mini_batches
-        micro = training.per_device_train_batch_size
-        accum = max(1, mini // micro)
         params = [p for p in self.model.parameters() if p.requires_grad]
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        tokens = torch.zeros((), device=old_logprobs.device)
         self.model.train()
         for _ in range(ppo.num_ppo_epochs):
             order = torch.randperm(rows, device=old_logprobs.device)
-            for m in range(ppo.num_mini_batches):
-                mini_idx = order[m * mini : (m + 1) * mini]
-                for a in range(accum):
-                    idx = mini_idx[a * micro : (a + 1) * micro]
-                    sync = contextlib.nullcontext() if a == accum - 1 else self.accelerator.no_sync(self.model)
-                    with sync, self.accelerator.autocast():
-                        stats = self._micro_step(r, idx, old_logprobs, old_values, advantages, returns, accum)
+            for mini_idx in torch.tensor_split(order, min(ppo.num_mini_batches, rows)):
+                micro_batches = torch.split(mini_idx, training.per_device_train_batch_size)
+                # DDP averages gradients over processes: dividing each process's sum by (all tokens /
+                # processes) makes the averaged gradient that of the mean over all tokens
+                all_tokens = accelerator.reduce(r.response_mask[mini_idx].sum().float(), "sum")
+                loss_tokens = all_tokens.clamp_min(1) / accelerator.num_processes
+                for a, idx in enumerate(micro_batches):
+                    sync = contextlib.nullcontext() if a == len(micro_batches) - 1 else accelerator.no_sync(self.model)
+                    with sync, accelerator.autocast():
+                        stats, n = self._micro_step(r, idx, old_logprobs, old_values, advantages, returns, loss_tokens)
                     for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    count += 1
-                if not self._gradient_is_finite(params):  # the same answer on every process: grads are all-reduced
-                    if not training.skip_nonfinite_batches:
-                        raise NonFiniteBatch("the gradient is NaN/inf")
-                    log.warning("a NaN/inf gradient: skipping this optimizer step (training.skip_nonfinite_batches)")
-                    self.nonfinite_skips += 1
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        means = torch.stack([v / count for v in sums.values()])
-        means = self.accelerator.reduce(means, "mean")
+                        sums[key] = sums.get(key, 0.0) + value * n
+                    tokens = tokens + n
+                self._optimizer_step(params)
+        means = torch.stack([v / tokens.clamp_min(1) for v in sums.values()])
+        means = accelerator.reduce(means, "mean")
         return dict(zip(sums, means.tolist(), strict=True))
 
-    def _gradient_is_finite(self, params) -> bool:
-        """Clip (when configured) and check the gradient norm; one host sync per optimizer step."""
-        max_norm = self.config.training.max_grad_norm
-        if max_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
-        return bool(torch.isfinite(norm))
+    def _optimizer_step(self, params) -> None:
+        """Clip, step (unless the gradient is NaN/inf), advance the schedule (training/optimizer_step.py)."""
+        outcome = optimizer_step(self.accelerator, self.optimizer, params, self.config.training.max_grad_norm)
+        if outcome.fault:  # the same answer on every process: the gradients are all-reduced
+            if not self.config.training.skip_nonfinite_batches:
+                raise NonFiniteBatch("the gradient is NaN/inf")
+            log.warning("a NaN/inf gradient: skipping this optimizer step (training.skip_nonfinite_batches)")
+            self.nonfinite_skips += 1
+        elif outcome.overflow:
+            log.debug("fp16 gradient overflow: the scaler skipped this step and lowered its scale")
+            self.fp16_overflow_skips += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _micro_step(self, r: Rollout, idx, old_logprobs, old_values, advantages, returns, accum: int) -> dict:
-        """Forward, losses and backward of one micro-batch; returns detached statistics."""
+    def _micro_step(self, r: Rollout, idx, old_logprobs, old_values, advantages, returns,
+                    loss_tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, losses and backward of one micro-batch, its summed loss divided by `loss_tokens`;
+        returns detached per-token-mean statistics and the micro-batch's valid-token count."""
         logits, values = self._policy_forward(r, idx)  # trimmed to T' columns: the rest is masked in every row
         cols = slice(0, logits.shape[1])
         mask = r.response_mask[idx, cols]
         old_logprobs, old_values = old_logprobs[idx, cols], old_values[idx, cols]
         logprobs = logprobs_from_logits(logits, r.response_ids[idx, cols], self.temperature)
-        pg_loss, pg = policy_loss(logprobs, old_logprobs, advantages[idx, cols], mask, self.ppo.cliprange)
-        vf_loss, vf = value_loss(values.float(), old_values, returns[idx, cols], mask, self.ppo.cliprange_value)
+        pg_loss, pg = policy_loss(logprobs, old_logprobs, advantages[idx, cols], mask, self.ppo.cliprange, loss_tokens)
+        vf_loss, vf = value_loss(values.float(), old_values, returns[idx, cols], mask, self.ppo.cliprange_value,
+                                 loss_tokens)
         loss = pg_loss + self.ppo.vf_coef * vf_loss
         if self.ppo.entropy_coef:
-            entropy = masked_mean(entropy_from_logits(logits, self.temperature), mask)
-            loss = loss - self.ppo.entropy_coef * entropy
+            per_token = entropy_from_logits(logits, self.temperature)
+            loss = loss - self.ppo.entropy_coef * masked_sum(per_token, mask) / loss_tokens
+            entropy = masked_mean(per_token.detach(), mask)
         else:  # only a statistic: no autograd graph (and no backward) through a (b, T, V) softmax
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits.detach(), self.temperature), mask)
-        self.accelerator.backward(loss / accum)
+        self.accelerator.backward(loss)
         ratio_var = masked_var(torch.exp(logprobs - old_logprobs).detach(), mask)
-        return {
-            "policy/approxkl_avg": pg["approxkl"].detach(),
-            "policy/clipfrac_avg": pg["clipfrac"].detach(),
-            "loss/policy_avg": pg_loss.detach(),
-            "loss/value_avg": vf_loss.detach(),
-            "val/clipfrac_avg": vf["clipfrac"].detach(),
-            "policy/entropy_avg": entropy.detach(),
-            "val/ratio": pg["ratio"].detach(),
+        stats = {
+            "policy/approxkl_avg": pg["approxkl"],
+            "policy/clipfrac_avg": pg["clipfrac"],
+            "loss/policy_avg": pg["loss"],
+            "loss/value_avg": vf["loss"],
+            "val/clipfrac_avg": vf["clipfrac"],
+            "policy/entropy_avg": entropy,
+            "val/ratio": pg["ratio"],
             "val/ratio_var": ratio_var,
         }
+        return stats, mask.sum().float()
 
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:
-        return {"episode": self.episode, "kl_controller": self.kl_ctl.state_dict(), "nonfinite_skips": self.nonfinite_skips}
+        return {"episode": self.episode, "kl_controller": self.kl_ctl.state_dict(), "nonfinite_skips": self.nonfinite_skips,
+                "fp16_overflow_skips": self.fp16_overflow_skips}
 
     def load_state_dict(self, state: dict) -> None:
         self.episode = state["episode"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.fp16_overflow_skips = state.get("fp16_overflow_skips", 0)

@@ -37,9 +37,12 @@ def prepare_prompts(dataset, tokenizer, config: PPOConfig, split: str) -> tuple[
     return ids, columns
 
 
-def score(reward: CombinedReward, rollout: Rollout, columns: dict, rows: list[int]) -> tuple[torch.Tensor, dict]:
+def score(reward: CombinedReward, rollout: Rollout, columns: dict, rows: list[int], accelerator) -> tuple[torch.Tensor, dict]:
+    """The rollout's scores (B,) and each source's part; reward models run at the run's compute
+    precision, like the policy and the reference (docs/ppo.md, Precision)."""
     batch_columns = {name: [values[i] for i in rows] for name, values in columns.items()}
-    return reward.score(rollout.prompts, rollout.responses, batch_columns)
+    with accelerator.autocast():
+        return reward.score(rollout.prompts, rollout.responses, batch_columns)
 
 
 @torch.no_grad()
@@ -55,7 +58,7 @@ def held_out_scores(trainer: PPOTrainer, reward: CombinedReward, prompts, column
             chunk = rows[start : start + trainer.ppo.local_rollout_forward_batch_size]
             q, m = left_pad([prompts[i] for i in chunk], pad)
             rollout = trainer.generate(query_ids=q.to(device), query_mask=m.to(device))
-            scores, parts = score(reward, rollout, columns, chunk)
+            scores, parts = score(reward, rollout, columns, chunk, trainer.accelerator)
             for name, values in {"scores": scores, **parts}.items():
                 total[name] = total.get(name, 0.0) + values.sum().item()
     sums = torch.tensor(list(total.values()) + [float(len(rows))], device=device)
@@ -117,7 +120,7 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
         t0 = time.perf_counter()
         rollout = trainer.generate(query_ids=q.to(accelerator.device), query_mask=m.to(accelerator.device))
         t1 = time.perf_counter()
-        scores, parts = score(reward, rollout, train_columns, rows)
+        scores, parts = score(reward, rollout, train_columns, rows, accelerator)
         t2 = time.perf_counter()
         try:
             stats = trainer.step(rollout, scores)
@@ -136,6 +139,8 @@ def run(config: PPOConfig, resume: bool = False, overwrite: bool = False) -> Non
                                               run_.output_dir, "training.skip_nonfinite_batches"))
         if trainer.nonfinite_skips:
             stats["nonfinite_skips"] = trainer.nonfinite_skips
+        if trainer.fp16_overflow_skips:
+            stats["fp16_overflow_skips"] = trainer.fp16_overflow_skips
         iteration += 1
         elapsed = time.perf_counter() - t0
         tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()

@@ -25,6 +25,7 @@ from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.optim import make_optimizer, make_scheduler, total_steps
+from rlhf_cli.training.optimizer_step import optimizer_step
 from rlhf_cli.training.progress import StepProgress
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,13 @@ def _accumulate(into: dict[str, float], sums: dict[str, float]) -> None:
             into[key] = into.get(key, 0.0) + value
 
 
-def nonfinite_fault(accelerator, loss: float, grad_norm) -> str | None:
-    """What is NaN/inf in this step (the loss or the gradient norm), agreed by every process; None when all is finite."""
+def loss_fault(accelerator, loss: float) -> str | None:
+    """Why this step's loss is unusable (NaN/inf, on any process), agreed by every process; None when finite."""
     local = 0.0 if math.isfinite(loss) else 1.0
     if accelerator.num_processes > 1:
         local = accelerator.reduce(torch.tensor(local, device=accelerator.device), "max").item()
     if local:
         return f"the loss is {loss} (NaN/inf)" if not math.isfinite(loss) else "the loss is NaN/inf on another process"
-    if grad_norm is not None and not math.isfinite(float(grad_norm)):
-        return f"the gradient norm is {float(grad_norm)}"
     return None
 
 
@@ -183,20 +182,22 @@ def train_loop(
                 accelerator.backward(loss_sum * scale)
             _accumulate(step_sums, sums)
             step_loss = step_loss + loss_sum.detach().float()
-        grad_norm = accelerator.clip_grad_norm_(params, training.max_grad_norm) if training.max_grad_norm > 0 else None
         lr = scheduler.get_last_lr()[0]
-        fault = nonfinite_fault(accelerator, step_loss.item(), grad_norm)  # one sync per optimizer step
+        fault = loss_fault(accelerator, step_loss.item())  # a NaN loss is a fault under any precision
+        outcome = None if fault else optimizer_step(accelerator, optimizer, params, training.max_grad_norm)
+        fault = fault or outcome.fault
         if fault:
             if not training.skip_nonfinite_batches:
                 progress.close()
                 signals.restore()
                 raise UserError(nonfinite_message(fault, step + 1, output_dir, "training.skip_nonfinite_batches"))
             log.warning("step %d: %s; skipping the batch (training.skip_nonfinite_batches).", step + 1, fault)
-            optimizer.zero_grad(set_to_none=True)
             _accumulate(totals, {"nonfinite_skips": 1.0})
-            step_sums, grad_norm = {}, None
-        else:
-            optimizer.step()
+            step_sums = {}
+        elif outcome.overflow:  # fp16: the scaler skipped the step and lowered its scale, as designed
+            log.debug("step %d: fp16 gradient overflow; the scaler skipped the step and lowered its scale", step + 1)
+            _accumulate(totals, {"fp16_overflow_skips": 1.0})
+        grad_norm = outcome.grad_norm if outcome is not None and outcome.applied else None
         _accumulate(window, step_sums)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -217,8 +218,9 @@ def train_loop(
             if "grad_norm_count" in reduced:
                 row["grad_norm"] = reduced["grad_norm_sum"] / reduced["grad_norm_count"]
             row["learning_rate"] = lr
-            if "nonfinite_skips" in totals:
-                row["nonfinite_skips"] = totals["nonfinite_skips"]
+            for key in ("nonfinite_skips", "fp16_overflow_skips"):
+                if key in totals:
+                    row[key] = totals[key]
             row["epoch"] = step * accum / order.batches_per_epoch
             metrics.log(step, row)
             progress.update(step, row, log_line=True)

@@ -100,11 +100,13 @@ def test_micro_step_gradients_equal_plain_loss(tmp_path, model):
     for idx in (torch.tensor([2, 4, 0]), torch.tensor([1, 5, 3])):
         trainer.model.train()
         trainer.optimizer.zero_grad(set_to_none=True)
-        stats = trainer._micro_step(r, idx, old_logprobs, old_values, advantages, returns, accum=2)
+        mask = r.response_mask[idx]
+        # the summed loss over twice this micro-batch's tokens: half the gradient of its mean
+        stats, n = trainer._micro_step(r, idx, old_logprobs, old_values, advantages, returns, 2 * mask.sum())
+        assert n == mask.sum()
         fast = [p.grad.clone() for p in params]
 
         trainer.optimizer.zero_grad(set_to_none=True)
-        mask = r.response_mask[idx]
         logits, values = plain_forward(trainer, r, idx)
         logprobs = logprobs_from_logits(logits, r.response_ids[idx], trainer.temperature)
         pg_loss, pg = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, ppo.cliprange)
@@ -128,7 +130,8 @@ def test_micro_step_with_entropy_bonus_keeps_its_gradient(tmp_path):
         old_logprobs, old_values, _ = trainer.evaluate(r)
         zeros = torch.zeros_like(old_logprobs)
         trainer.model.train()
-        trainer._micro_step(r, torch.tensor([0, 1, 2]), old_logprobs, old_values, zeros, zeros, accum=1)
+        rows = torch.tensor([0, 1, 2])
+        trainer._micro_step(r, rows, old_logprobs, old_values, zeros, zeros, r.response_mask[rows].sum())
         grads.append(trainer.unwrapped.policy.transformer.wte.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
 

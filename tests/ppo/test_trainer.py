@@ -15,13 +15,14 @@ from rlhf_cli.training.accel import make_accelerator
 PROMPTS = ["I watched The", "My sister and I went to see a film about", "It", "We caught Return to Seville in"]
 
 
-def make_trainer(tmp_path: Path, model: str, use_peft: bool = False, **ppo) -> PPOTrainer:
+def make_trainer(tmp_path: Path, model: str, use_peft: bool = False, training: dict | None = None, **ppo) -> PPOTrainer:
     config = build_stage("ppo", {
         "model": {"model_name_or_path": model},
         "peft": {"use_peft": use_peft},
         "reward": {"function": "builtin:sentiment"},
         "generation": {"response_length": 12, "temperature": 0.7},
-        "training": {"output_dir": str(tmp_path), "per_device_train_batch_size": 2, "learning_rate": 1e-3},
+        "training": {"output_dir": str(tmp_path), "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+                     **(training or {})},
         "ppo": {"total_episodes": 8, "num_mini_batches": 2, "local_rollout_forward_batch_size": 3, **ppo},
     })
     accelerator = make_accelerator(config.training, tmp_path)
@@ -84,3 +85,103 @@ def test_python_api_step_on_user_rewards(tmp_path):
     stats = trainer.step(rollout, rewards)
     assert stats["objective/scores"] == pytest.approx(rewards.mean().item())
     assert trainer.reference is None  # LoRA: the reference is the adapter switched off
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one precision per process: let a test build an Accelerator with another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_bf16_rollout_and_update_share_one_precision(tmp_path, model, fresh_accelerate_state):
+    """Under `bf16: true` generation, the reference and the update all run under the same autocast
+    (value head in float32): with identical weights the KL at step 0 is ~0 and the ratio of the
+    first mini-batch, before any optimizer step, is 1. (Before, only the update ran in bf16: KL
+    0.027 on tiny-t5 at step 0.)"""
+    trainer = make_trainer(tmp_path, model, training={"bf16": True, "per_device_train_batch_size": 16},
+                           total_episodes=16, num_mini_batches=1, num_ppo_epochs=1)
+    torch.manual_seed(0)
+    rollout = trainer.generate(PROMPTS * 4)
+    stats = trainer.step(rollout, torch.linspace(-1, 1, 16))  # one mini-batch: its ratio is the first one
+    assert abs(stats["objective/kl"]) < 1e-3, stats["objective/kl"]
+    assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bf16_every_forward_computes_in_bf16_and_values_in_float32(tmp_path, fresh_accelerate_state):
+    """The precision policy, checked where it is applied: the policy's layers compute in bf16 while
+    sampling and in the update, the reference's in the rollout; the value head in float32 in both."""
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", training={"bf16": True})
+    seen = {}
+
+    def record(name):
+        return lambda module, args, output: seen.setdefault(name, set()).add(output.dtype)
+
+    trainer.unwrapped.policy.transformer.h[0].mlp.c_fc.register_forward_hook(record("policy"))
+    trainer.reference.transformer.h[0].mlp.c_fc.register_forward_hook(record("reference"))
+    trainer.unwrapped.value_head.register_forward_hook(record("values"))
+    rollout = trainer.generate(PROMPTS)
+    assert seen == {"policy": {torch.bfloat16}, "values": {torch.float32}}
+    trainer.step(rollout, torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    assert seen == {"policy": {torch.bfloat16}, "reference": {torch.bfloat16}, "values": {torch.float32}}
+
+
+def test_any_rollout_size_updates_every_row(tmp_path, monkeypatch):
+    """Mini-batches are sized from the rollout: 7 rows (not the configured 2 x 2) are all updated in
+    every epoch, and 1 row with 2 mini-batches works."""
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", num_ppo_epochs=2)
+    seen = []
+    micro_step = trainer._micro_step
+    monkeypatch.setattr(trainer, "_micro_step", lambda r, idx, *a: (seen.append(idx.tolist()), micro_step(r, idx, *a))[1])
+    prompts = PROMPTS + PROMPTS[:3]
+    stats = trainer.step(trainer.generate(prompts), torch.linspace(-1, 1, 7))
+    assert all(len(rows) <= 2 for rows in seen)
+    per_epoch = len(seen) // 2
+    for epoch in (seen[:per_epoch], seen[per_epoch:]):
+        assert sorted(i for rows in epoch for i in rows) == list(range(7))
+    assert stats["episode"] == 7
+
+    seen.clear()
+    trainer.step(trainer.generate(PROMPTS[:1]), torch.tensor([1.0]))
+    assert seen == [[0], [0]]  # one row, once per epoch
+
+
+def test_rollout_from_masks_right_padding(tmp_path):
+    """Right-padded responses whose pad token is not the stop token (builtin: pad 0, eos 1): the pad
+    is not response, so the score lands on the last real token; explicit lengths work too."""
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2")
+    pad, eos = trainer.tokenizer.pad_token_id, trainer.stop_id
+    assert pad != eos
+    query_ids, query_mask = trainer.encode(PROMPTS[:3])
+    responses = torch.tensor([[5, 6, 7, pad, pad], [5, eos, pad, pad, pad], [5, 6, 7, 8, 9]])
+    r = trainer.rollout_from(query_ids, query_mask, responses)
+    assert r.response_mask.sum(1).tolist() == [3, 2, 5]
+    assert r.stopped.tolist() == [False, True, False]
+    explicit = trainer.rollout_from(query_ids, query_mask, responses, response_lengths=torch.tensor([2, 5, 4]))
+    assert explicit.response_mask.sum(1).tolist() == [2, 2, 4]
+
+
+def test_trl_style_step_with_token_lists(tmp_path):
+    """step(queries, responses, scores): lists of 1-D token tensors of any lengths, as TRL took them."""
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2")
+    tok = trainer.tokenizer
+    queries = [torch.tensor(tok.encode(p)) for p in PROMPTS[:3]]
+    responses = [torch.tensor(tok.encode(t)) for t in (" a fine film.", " dull", " I loved every minute of it")]
+    before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+    stats = trainer.step(queries, responses, [1.0, -1.0, torch.tensor(0.5)])
+    assert stats["episode"] == 3 and stats["objective/scores"] == pytest.approx(0.5 / 3)
+    assert stats["val/response_length"] == pytest.approx(sum(len(x) for x in responses) / 3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.unwrapped.parameters(), strict=True))
+    with pytest.raises(ValueError, match="one per row"):
+        trainer.step(queries, responses, [1.0])
+
+
+def test_logged_kl_coef_is_the_one_the_rewards_used(tmp_path):
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", kl_coef=0.05, adaptive_kl=True, target_kl=0.001)
+    stats = trainer.step(trainer.generate(PROMPTS), torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    assert stats["objective/kl_coef"] == 0.05
+    assert trainer.kl_ctl.value != 0.05  # adapted after the update, used by the next iteration

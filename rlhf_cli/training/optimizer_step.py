@@ -1,0 +1,63 @@
+"""One optimizer step with gradient clipping and the NaN/inf policy, shared by every training loop.
+
+Two regimes, because "the gradient is not finite" means different things in each:
+
+- **fp16 with a gradient scaler.** The scaler multiplies the loss by a large factor so small
+  gradients survive float16, and its starting factor is meant to overflow in the first steps: it
+  finds out how large it may be by overflowing, skipping that step and halving. It only learns of
+  an overflow inside `optimizer.step()` (which runs `scaler.step` and `scaler.update`), so the step
+  is always called and then asked whether it was skipped. An overflow the scaler handles is not a
+  fault; checking the norm first and not stepping would leave the scaler's per-step state behind
+  (the next clip would unscale twice and raise) and the scale would never come down.
+- **No scaler (fp32, bf16).** A NaN/inf gradient norm is a real fault: the step is not applied and
+  the caller decides to stop or skip the batch.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float | None  # the (unscaled) norm before clipping; None when not computed
+    applied: bool  # the optimizer changed the weights
+    overflow: bool = False  # fp16: the scaler skipped this step and lowered its scale (not a fault)
+
+    @property
+    def fault(self) -> str | None:
+        """Why the step was refused (a NaN/inf gradient without a scaler), or None."""
+        if self.applied or self.overflow:
+            return None
+        return f"the gradient norm is {self.grad_norm} (NaN/inf)"
+
+
+def gradient_norm(params) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def optimizer_step(accelerator, optimizer, params, max_grad_norm: float) -> StepOutcome:
+    """Clip (when `max_grad_norm` > 0), then step unless the gradient is NaN/inf; one host sync.
+
+    The caller zeroes the gradients afterwards. With data parallelism the gradients are already
+    all-reduced, so every process reaches the same decision."""
+    params = [p for p in params if p.requires_grad]
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first under a scaler
+    else:
+        if accelerator.scaler is not None:
+            accelerator.unscale_gradients()
+        norm = gradient_norm(params)
+    norm = None if norm is None else float(norm)
+    if accelerator.scaler is not None:
+        optimizer.step()  # scaler.step + scaler.update: skips an overflowed step and lowers the scale
+        skipped = bool(optimizer.step_was_skipped)
+        return StepOutcome(norm, applied=not skipped, overflow=skipped)
+    if norm is not None and not math.isfinite(norm):
+        return StepOutcome(norm, applied=False)
+    optimizer.step()
+    return StepOutcome(norm, applied=True)
