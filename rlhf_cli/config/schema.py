@@ -168,7 +168,7 @@ class RewardModelConfig:
 @dataclass
 class PPOConfig:
     model: ModelConfig = section(ModelConfig, "The policy (and the frozen reference made from it).")
-    peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy; the reference is the adapter disabled.")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy; the reference is the starting policy (docs/ppo.md, detail 9).")
     data: PromptDataConfig = section(PromptDataConfig, "The prompts.")
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
     generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")

@@ -28,7 +28,7 @@ class ModelConfig:
         "Weights that train must be float32 (AdamW on half-precision weights loses small updates): "
         "`bfloat16`/`float16` suits a frozen base under a LoRA adapter (`peft.use_peft`) and is refused when "
         "full weights train; for half-precision compute use `float32` with `training.bf16`/`training.fp16`. "
-        "`rlhf ppo` upcasts full weights that `auto` loads in half precision.",
+        "Full weights that `auto` loads in half precision are upcast to float32 for training.",
         choices=DTYPES,
     )
     trust_remote_code: bool = option(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_cli.config.schema import PPOConfig
+from rlhf_cli.models.policy import reference_mode
 from rlhf_cli.models.value_head import PolicyWithValue
 from rlhf_cli.ppo.advantages import gae, whiten_advantages
 from rlhf_cli.ppo.forward import model_inputs, response_slice, supports_logits_to_keep, trim_padding
@@ -211,8 +212,6 @@ class PPOTrainer:
     def reference_logits(self, r: Rollout, idx) -> torch.Tensor:
         """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
         policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
-        from rlhf_cli.models.policy import reference_mode
-
         inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
         if self.reference is not None:
             logits = self.reference(**inputs, use_cache=False).logits

@@ -17,7 +17,7 @@ from rlhf_cli.config.schema import RewardModelConfig
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.preferences import PairCollator, tokenize_pairs
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import load_model, load_stage_tokenizer
+from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.bradley_terry import bradley_terry_loss
 from rlhf_cli.training.loop import train_loop
@@ -134,7 +134,7 @@ def load_reward_model(config: RewardModelConfig, tokenizer):
         if config.training.gradient_checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, peft_cfg, task_type="SEQ_CLS", modules_to_save=head_module_names(model))
-    return model
+    return float32_master_weights(model)  # full weights saved in half precision train in float32
 
 
 def adapter_task_type(name_or_path: str) -> str | None:

@@ -12,7 +12,7 @@ from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.packing import pack_dataset
 from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import load_model, load_stage_tokenizer
+from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer
 from rlhf_cli.stages.common import finish_run, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
@@ -149,6 +149,7 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
         if training.gradient_checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, config.peft, task_type="CAUSAL_LM")
+    model = float32_master_weights(model)  # full weights saved in half precision train in float32
 
     # 3. Data: load, format and tokenize, (pack), collate
     train_raw, test_raw = load_splits(config.data)

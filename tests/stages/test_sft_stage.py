@@ -359,3 +359,16 @@ def test_held_out_loss_falls_clearly_on_the_builtin_reviews(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     assert cpu_s < 60, f"{cpu_s:.0f} s of CPU time"
     print(f"held-out loss {first:.2f} -> {last:.2f} nats in {cpu_s:.0f} s of CPU time")
+
+
+def test_full_weights_saved_in_bf16_train_in_float32(data_dir, tmp_path):
+    """A checkpoint saved in bfloat16 (as most Hub models are) under the default `model.dtype: auto`
+    trains its full weights in float32: AdamW on bf16 weights would round most updates away."""
+    base = tmp_path / "bf16-base"
+    load_model(TINY, task="causal-lm").to(torch.bfloat16).save_pretrained(base)
+    load_tokenizer(TINY).save_pretrained(base)
+    config = write_config(tmp_path, "out", {"dataset_name": str(data_dir / "reviews"), "dataset_format": "text"},
+                          {"max_steps": 2})
+    result = sft(str(config), "--set", f"model.model_name_or_path={base}")
+    assert "upcast to float32" in result.stderr
+    assert {t.dtype for t in weights(tmp_path / "out").values()} == {torch.float32}
