@@ -149,8 +149,11 @@ def float32_master_weights(model: PreTrainedModel) -> PreTrainedModel:
     check (config/checks.py); this handles `model.dtype: auto` on a checkpoint saved in half
     precision (most Hub models): a model whose trainable weights are half precision is upcast to
     float32, with a log line. A PEFT model is returned as it is: peft keeps adapter weights in
-    float32 over a frozen half-precision base. Call it once the trainable weights are decided."""
+    float32 over a frozen half-precision base, but a fully trained copy (`modules_to_save`, a LoRA
+    reward model's score head) in the base's dtype: that copy is upcast, its input cast to match.
+    Call it once the trainable weights are decided."""
     if hasattr(model, "peft_config"):
+        _float32_saved_modules(model)
         return model
     half = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad and p.dtype in HALF}
     if not half:
@@ -162,6 +165,23 @@ def float32_master_weights(model: PreTrainedModel) -> PreTrainedModel:
         getattr(model, "name_or_path", "the model"), "/".join(sorted(half)),
     )
     return model.float()
+
+
+def _float32_saved_modules(peft_model) -> None:
+    """Upcast the half-precision trainable copies of peft's `modules_to_save` (e.g. the score head)
+    and cast their floating inputs to float32, so that head trains on float32 weights."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    def to_float32(module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for name, wrapper in peft_model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for copy in wrapper.modules_to_save.values():
+            if any(p.requires_grad and p.dtype in HALF for p in copy.parameters()):
+                copy.float().register_forward_pre_hook(to_float32)
+                log.info("%s (trained in full beside the adapter) upcast to float32", name)
 
 
 def _attach_adapter(base_model: PreTrainedModel, folder: str, is_trainable: bool) -> PreTrainedModel:

@@ -175,3 +175,22 @@ def test_lora_reward_model_folder_loads_with_its_one_label_head(tmp_path):
     assert torch.allclose(logits(loaded, tokenizer), logits(model, tokenizer), atol=1e-5)
     scores = ModelReward(RewardSourceConfig(model=str(tmp_path)), torch.device("cpu"))(["It was"], [" great."])
     assert scores.shape == (1,)
+
+
+def test_lora_reward_head_on_a_bf16_base_trains_in_float32():
+    """peft keeps LoRA weights in float32 over a bf16 base but the fully trained score head
+    (`modules_to_save`) in bf16, where AdamW rounds small updates away: it is upcast, input cast."""
+    from rlhf_cli.config.sections import PeftConfig
+    from rlhf_cli.models.adapters import apply_lora
+    from rlhf_cli.models.loading import float32_master_weights
+
+    model = load_model("builtin:tiny-gpt2", task="sequence-classification", num_labels=1, dtype="bfloat16")
+    model = float32_master_weights(apply_lora(model, PeftConfig(use_peft=True), "SEQ_CLS", modules_to_save=["score"]))
+    head = model.base_model.model.score.modules_to_save["default"]
+    assert head.weight.dtype == torch.float32 and model.base_model.model.transformer.wte.weight.dtype == torch.bfloat16
+    before = head.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.float().sum().backward()
+    optimizer.step()
+    assert (head.weight != before).float().mean() > 0.9  # in bf16 almost no entry moved at lr 1e-6
