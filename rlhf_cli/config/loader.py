@@ -7,6 +7,7 @@ saying what is allowed, e.g. "ppo.kl_coeff: unknown key; did you mean ppo.kl_coe
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -32,24 +33,73 @@ def output_dir_key(stage: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key written twice in one mapping (PyYAML keeps the last one
+    without a word, so the first value would be silently ignored). Keys merged in with `<<: *anchor`
+    may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node:
+                    raise DuplicateKeyError(
+                        None, None,
+                        f"the key {key!r} appears twice in one mapping (first on line {first.start_mark.line + 1}); "
+                        "keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (a SafeLoader subclass: plain values only)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read one YAML mapping with `yaml.safe_load` (never a loader that builds Python objects)."""
+    """Read one YAML mapping with a safe loader (never one that builds Python objects).
+
+    An empty file (or one of comments only) is refused: running it would silently train a stage's
+    defaults, which no one means to do."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file; give the path of a .yaml file.")
     if not path.is_file():
         raise UserError(f"{path}: config file not found; check the path.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the config file ({err.strerror or err}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8); a config is a YAML text file.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(
-            err, yaml.constructor.ConstructorError
-        ):  # e.g. !!python/object: safe_load builds no objects
-            problem += "; configs hold plain values only (no `!!` tags): remove the tag"
+        if isinstance(err, yaml.constructor.ConstructorError) and not isinstance(err, DuplicateKeyError):
+            problem += "; configs hold plain values only (no `!!` tags): remove the tag"  # e.g. !!python/object
         raise UserError(f"{path}{where}: invalid YAML: {problem}.") from None
     if data is None:
-        return {}
+        raise UserError(
+            f"{path}: the config file is empty; write the keys to set (see `rlhf <stage> --help`), or "
+            "`stage: <stage>` alone to run a stage with every default."
+        )
     if not isinstance(data, dict):
         raise UserError(
             f"{path}: a config must be a mapping of sections (model:, data:, ...), not {type(data).__name__}."
@@ -291,6 +341,13 @@ def build_stage(stage: str, raw: dict, source: str = "config") -> Any:
             f"{source}: this config is written for `rlhf {declared}` (stage: {declared}), not `rlhf {stage}`."
         )
     config = build(STAGES[stage], raw)
+    section, _, leaf = output_dir_key(stage).rpartition(".")
+    folder = getattr(get_key(config, section), leaf)
+    if not folder.strip():  # Path("") is the current folder: the run would silently land among your files
+        raise UserError(f"{output_dir_key(stage)}: empty; name the folder the run is written to (e.g. outputs/run).")
+    # `~/runs/x` means the home folder, as in a shell and in transformers' TrainingArguments (YAML does
+    # not expand it: the run would silently go to a folder named `~` in the current one).
+    setattr(get_key(config, section), leaf, os.path.expanduser(folder))
     from rlhf_cli.config.checks import check_stage  # cross-field rules live beside the schema
 
     check_stage(stage, config)

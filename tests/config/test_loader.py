@@ -151,3 +151,55 @@ def test_min_response_length_cannot_exceed_response_length(write_yaml):
         "generation.min_response_length (24) is larger than generation.response_length (16); "
         "lower it or raise response_length."
     )
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_refused(write_yaml, text):
+    path = write_yaml("c.yaml", text)
+    message = error_of(load_config, "sft", path)
+    assert message.startswith(f"{path}: the config file is empty") and "stage: <stage>" in message
+    assert load_config("sft", write_yaml("d.yaml", "stage: sft\n")).training.seed == 42  # all defaults, on purpose
+
+
+def test_an_empty_parent_is_refused_too(write_yaml):
+    write_yaml("base.yaml", "")
+    path = write_yaml("c.yaml", "extends: base.yaml\ntraining:\n  seed: 1\n")
+    assert "base.yaml: the config file is empty" in error_of(load_config, "sft", path)
+
+
+def test_a_key_written_twice_is_refused(write_yaml):
+    path = write_yaml("c.yaml", "training:\n  seed: 1\n  learning_rate: 0.1\n  seed: 2\n")
+    message = error_of(load_config, "sft", path)
+    assert message.startswith(f"{path} (line 4, column 3): invalid YAML") and "'seed' appears twice" in message
+    assert "line 2" in message and "!!" not in message
+    path = write_yaml("s.yaml", "training:\n  seed: 1\nmodel:\n  dtype: float32\ntraining:\n  max_steps: 2\n")
+    assert "'training' appears twice" in error_of(load_config, "sft", path)
+
+
+def test_merge_keys_may_be_overridden():
+    """A key merged in with `<<: *anchor` and set again beside it is an override, not a duplicate."""
+    from rlhf_cli.config.loader import safe_load_unique
+
+    data = safe_load_unique("base: &b\n  seed: 1\n  max_steps: 2\ntraining:\n  <<: *b\n  seed: 3\n")
+    assert data["training"] == {"seed": 3, "max_steps": 2}
+
+
+def test_a_folder_or_a_binary_file_as_config(tmp_path):
+    assert "is a folder, not a config file" in error_of(load_config, "sft", tmp_path)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 8)
+    assert error_of(load_config, "sft", binary) == f"{binary}: not a text file (not UTF-8); a config is a YAML text file."
+
+
+def test_home_in_output_dir_is_expanded(write_yaml, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("sft", write_yaml("c.yaml", "training:\n  output_dir: ~/runs/a\n")).training.output_dir == str(
+        tmp_path / "runs" / "a")
+    eval_config = "eval:\n  models: [builtin:tiny-gpt2]\n  output_dir: ~/ev\nreward:\n  function: builtin:sentiment\n"
+    assert load_config("eval", write_yaml("e.yaml", eval_config)).eval.output_dir == str(tmp_path / "ev")
+
+
+def test_an_empty_output_dir_is_refused(write_yaml):
+    """Path("") is the current folder: the run would land among the user's own files."""
+    assert error_of(load_config, "sft", write_yaml("c.yaml", "training:\n  output_dir: ''\n")).startswith(
+        "training.output_dir: empty")
