@@ -35,6 +35,14 @@ OutputDirOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in the output folder.")]
+AllowConfigChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-config-change",
+        help="With --resume: continue even though the model, data, seed or batch size differ from the run's "
+        "config.yaml (such changes are refused otherwise: the checkpoint no longer means what it did).",
+    ),
+]
 
 STAGE_HELP = {
     "sft": "Supervised fine-tuning of a causal language model (or a LoRA adapter).",
@@ -52,15 +60,22 @@ def load_stage_config(stage: str, config: Path, overrides: list[str] | None, out
     return build_stage(stage, raw, str(config))
 
 
-def run_stage(stage: str, config: Path, overrides, output_dir, resume: bool, overwrite: bool) -> None:
+def run_stage(
+    stage: str, config: Path, overrides, output_dir, resume: bool, overwrite: bool, allow_config_change: bool = False
+) -> None:
+    if allow_config_change and not resume:
+        raise UserError("--allow-config-change applies only with --resume (it lets a resumed run change its config).")
     cfg = load_stage_config(stage, config, overrides, output_dir)
-    run_config(stage, cfg, resume, overwrite)
+    run_config(stage, cfg, resume, overwrite, allow_config_change)
 
 
-def run_config(stage: str, cfg, resume: bool, overwrite: bool) -> None:
+def run_config(stage: str, cfg, resume: bool, overwrite: bool, allow_config_change: bool = False) -> None:
     """Run one stage on a validated config: the path of `rlhf <stage>` and of every stage of `rlhf run`."""
+    from rlhf_cli.stages.common import config_change_allowed
+
     module = importlib.import_module(f"rlhf_cli.stages.{stage}")
-    module.run(cfg, resume=resume, overwrite=overwrite)
+    with config_change_allowed(allow_config_change):
+        module.run(cfg, resume=resume, overwrite=overwrite)
 
 
 def _make_stage_command(stage: str):
@@ -70,8 +85,9 @@ def _make_stage_command(stage: str):
         output_dir: OutputDirOpt = None,
         resume: ResumeOpt = False,
         overwrite: OverwriteOpt = False,
+        allow_config_change: AllowConfigChangeOpt = False,
     ) -> None:
-        run_stage(stage, config, set_, output_dir, resume, overwrite)
+        run_stage(stage, config, set_, output_dir, resume, overwrite, allow_config_change)
 
     command.__doc__ = STAGE_HELP[stage]
     app.command(name=stage, help=STAGE_HELP[stage], epilog=text_reference(stage))(command)

@@ -118,6 +118,13 @@ CONFIG_CASES = [
     ("set-without-equals", "sft", SFT_BASE, ["--set", "training.learning_rate"], ["--set"]),
     ("set-wrong-type", "sft", SFT_BASE, ["--set", "training.max_steps=many"], ["training.max_steps"]),
     ("extends-missing", "sft", {"extends": "nowhere.yaml", **SFT_BASE}, [], ["extends", "nowhere.yaml"]),
+    ("empty-file", "sft", "", [], ["config.yaml", "the config file is empty", "stage: <stage>"]),
+    ("comments-only", "sft", "# model: builtin:tiny-gpt2\n", [], ["config.yaml", "the config file is empty"]),
+    ("duplicate-key", "sft", "training:\n  max_steps: 1\n  seed: 1\n  max_steps: 5\n", [],
+     ["config.yaml (line 4", "'max_steps' appears twice", "line 2"]),
+    ("binary-file", "sft", "\udcff\udcfe garbage", [], ["config.yaml", "not a text file"]),
+    ("allow-change-without-resume", "sft", SFT_BASE, ["--allow-config-change"], ["--allow-config-change", "--resume"]),
+    ("empty-output-dir", "sft", SFT_BASE, ["--output-dir", ""], ["training.output_dir: empty"]),
     ("reward-long-pairs", "reward", {
         "stage": "reward", "model": {"model_name_or_path": TINY},
         "data": {"dataset_name": "builtin:review-preferences", "long_pairs": "squash"},
@@ -134,7 +141,7 @@ CONFIG_CASES = [
 def test_malformed_config_exits_2(monkeypatch, capsys, tmp_path, stage, config, args, needles):
     path = tmp_path / "config.yaml"
     text = config if isinstance(config, str) else yaml_text(config)
-    path.write_text(text.replace("OUT", str(tmp_path / "out")))
+    path.write_text(text.replace("OUT", str(tmp_path / "out")), errors="surrogateescape")
     code, stderr = run_in_process(monkeypatch, capsys, stage, str(path), *args)
     assert_user_error(code, stderr, *needles)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -323,3 +330,119 @@ def test_real_cli_dataset_error(tmp_path):
     path.write_text(yaml_text(reward_data_config(str(data_file))).replace("OUT", str(tmp_path / "out")))
     result = run_cli("reward", str(path))
     assert_user_error(result.returncode, result.stderr, "row 2")
+
+
+# --- the output folder and --resume --------------------------------------------------------------
+
+
+EVAL_BASE = {"stage": "eval", "eval": {"models": [TINY], "output_dir": "OUT"}, "reward": {"function": "builtin:sentiment"}}
+
+
+@pytest.mark.parametrize("config", [SFT_BASE, EVAL_BASE], ids=["sft", "eval"])
+def test_output_dir_under_a_file_exits_2(monkeypatch, capsys, tmp_path, config):
+    blocker = tmp_path / "some_file"
+    blocker.write_text("not a folder\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text(config).replace("OUT", str(tmp_path / "out")))
+    code, stderr = run_in_process(monkeypatch, capsys, config["stage"], str(path), "--output-dir", str(blocker / "out"))
+    assert_user_error(code, stderr, f"{blocker / 'out'} cannot be created", f"{blocker} is a file")
+
+
+def test_overwrite_of_a_folder_without_a_run_exits_2(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('mine')\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text(SFT_BASE).replace("OUT", str(folder)))
+    code, stderr = run_in_process(monkeypatch, capsys, "sft", str(path), "--overwrite")
+    assert_user_error(code, stderr, str(folder), "no rlhf run", "--overwrite deletes only earlier runs")
+    assert (folder / "train.py").exists()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """A tiny sft run with checkpoint-1 and checkpoint-2, trained in this process; tests copy its folder."""
+    root = tmp_path_factory.mktemp("sft-run")
+    (root / "d.jsonl").write_text(jsonl(GOOD_TEXT))
+    config = sft_data_config(str(root / "d.jsonl"))
+    config["training"].update(max_steps=2, save_steps=1, logging_steps=1, save_total_limit=None)
+    (root / "config.yaml").write_text(yaml_text(config).replace("OUT", str(root / "out")))
+    argv = sys.argv
+    sys.argv = ["rlhf", "sft", str(root / "config.yaml")]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli_module.main()
+        assert exit_.value.code in (0, None)
+    finally:
+        sys.argv = argv
+        logging.getLogger().handlers.clear()
+    assert sorted(p.name for p in (root / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    return root
+
+
+def resume_copy(sft_run: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the run to resume, and the arguments of `rlhf sft CONFIG --output-dir COPY --resume`."""
+    import shutil
+
+    out = shutil.copytree(sft_run / "out", tmp_path / "out")
+    return out, ["sft", str(sft_run / "config.yaml"), "--output-dir", str(out), "--resume"]
+
+
+def test_resume_skips_a_damaged_checkpoint_for_the_previous_one(monkeypatch, capsys, tmp_path, sft_run):
+    out, args = resume_copy(sft_run, tmp_path)
+    weights = out / "checkpoint-2" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short; trainer_state.json intact
+    code, stderr = run_in_process(monkeypatch, capsys, *args, "--set", "training.max_steps=3")
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"{weights} is truncated" in stderr and "skipping it" in stderr
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in stderr
+    assert (out / "checkpoint-2.damaged").is_dir() and (out / "checkpoint-3" / "trainer_state.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_resume_with_every_checkpoint_damaged_exits_2(tmp_path, sft_run):
+    """Through the real CLI: a safetensors error used to end in a traceback (exit 1)."""
+    out, args = resume_copy(sft_run, tmp_path)
+    for step in (1, 2):
+        weights = out / f"checkpoint-{step}" / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_cli(*args)
+    assert_user_error(result.returncode, result.stderr, f"no checkpoint in {out} can be resumed from",
+                      f"{out / 'checkpoint-2' / 'model' / 'model.safetensors'} is truncated",
+                      f"{out / 'checkpoint-1' / 'model' / 'model.safetensors'} is truncated", "--overwrite")
+    assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir()  # nothing was set aside
+
+
+def test_resume_with_a_changed_seed_exits_2_unless_allowed(monkeypatch, capsys, tmp_path, sft_run):
+    out, args = resume_copy(sft_run, tmp_path)
+    before = (out / "config.yaml").read_text()
+    code, stderr = run_in_process(monkeypatch, capsys, *args, "--set", "training.seed=7")
+    assert_user_error(code, stderr, "training.seed: 42 -> 7", "data order", str(out / "config.yaml"),
+                      "--allow-config-change")
+    assert (out / "config.yaml").read_text() == before  # refused before anything was written
+    code, stderr = run_in_process(monkeypatch, capsys, *args, "--set", "training.seed=7", "--allow-config-change",
+                                  "--set", "training.max_steps=3")
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "training.seed: 42 -> 7" in stderr and "training.max_steps: 2 -> 3" in stderr
+    assert (out / "config.checkpoint-2.yaml").read_text() == before  # the config the run had up to there
+    assert "seed: 7" in (out / "config.yaml").read_text()
+
+
+def test_resume_with_a_changed_learning_rate_says_so_and_applies_it(monkeypatch, capsys, tmp_path, sft_run):
+    out, args = resume_copy(sft_run, tmp_path)
+    code, stderr = run_in_process(monkeypatch, capsys, *args, "--set", "training.learning_rate=1e-3",
+                                  "--set", "training.max_steps=3")
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "training.learning_rate: 5e-05 -> 0.001" in stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step3 = next(r for r in rows if r["step"] == 3 and "loss" in r)
+    assert step3["learning_rate"] == pytest.approx(1e-3 * (3 - 2) / 3)  # linear decay, the new peak
+
+
+def test_resume_of_another_stages_run_exits_2(monkeypatch, capsys, tmp_path, sft_run):
+    out, _ = resume_copy(sft_run, tmp_path)
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml_text(reward_data_config("builtin:review-preferences")).replace("OUT", str(out)))
+    code, stderr = run_in_process(monkeypatch, capsys, "reward", str(path), "--resume")
+    assert_user_error(code, stderr, f"{out} holds an `rlhf sft` run, not `rlhf reward`")

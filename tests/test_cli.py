@@ -22,7 +22,8 @@ def test_stage_help_shows_config_keys_with_their_help(cli, stage):
     result = cli(stage, "--help")
     assert result.returncode == 0
     assert "--set KEY=VALUE" in result.stdout and "--resume" in result.stdout
-    assert "Dtype the weights are loaded in." in result.stdout or stage == "eval"
+    assert "--allow-config-change" in result.stdout
+    assert "Dtype the weights are loaded in" in result.stdout or stage == "eval"
     assert "Sampling temperature" in result.stdout or stage in ("sft", "reward")
 
 
@@ -35,6 +36,14 @@ def test_validate_ok_and_typo(cli, write_yaml):
     result = cli("validate", str(typo))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: ppo.kl_coeff: unknown key; did you mean ppo.kl_coef?"
+
+
+def test_validate_refuses_an_empty_file(cli, write_yaml):
+    """An empty file used to validate as an `rlhf sft` config of all defaults."""
+    empty = write_yaml("empty.yaml", "# nothing here yet\n")
+    result = cli("validate", str(empty))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: {empty}: the config file is empty")
 
 
 def test_validate_infers_stage_from_sections(cli, write_yaml):

@@ -1,5 +1,6 @@
 """What every training stage does first: output folder, accelerator, logging, metrics, resume point."""
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,10 +8,17 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.training.accel import make_accelerator
-from rlhf_cli.training.checkpoint import latest_checkpoint
+from rlhf_cli.training.checkpoint import resume_checkpoint, set_aside_damaged
 from rlhf_cli.training.metrics import MetricsWriter
-from rlhf_cli.training.output import prepare_output_dir, write_run_files
+from rlhf_cli.training.output import (
+    check_output_path,
+    check_resume_config,
+    keep_previous_config,
+    prepare_output_dir,
+    write_run_files,
+)
 from rlhf_cli.training.progress import setup_logging
 
 log = logging.getLogger(__name__)
@@ -24,18 +32,59 @@ class Run:
     resume_from: Path | None
 
 
-def start_run(stage: str, config: Any, resume: bool, overwrite: bool) -> Run:
-    """Prepare the output folder (main process), write config.yaml, build the accelerator."""
+# Files a stage's checkpoints hold beyond the ones every checkpoint has (training/checkpoint.py).
+CHECKPOINT_FILES = {"ppo": ("value_head.safetensors",)}
+
+# The CLI's --allow-config-change for the stage it runs (the stages call start_run without it).
+ALLOW_CONFIG_CHANGE = False
+
+
+@contextlib.contextmanager
+def config_change_allowed(allowed: bool):
+    """Within the block, start_run resumes a run whose config changed in ways that make it meaningless."""
+    global ALLOW_CONFIG_CHANGE
+    before, ALLOW_CONFIG_CHANGE = ALLOW_CONFIG_CHANGE, allowed
+    try:
+        yield
+    finally:
+        ALLOW_CONFIG_CHANGE = before
+
+
+def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_config_change: bool | None = None) -> Run:
+    """Prepare the output folder (main process), pick the checkpoint to resume from (damaged ones are
+    skipped), check the config against the run's, write config.yaml, build the accelerator."""
+    allow = ALLOW_CONFIG_CHANGE if allow_config_change is None else allow_config_change
     output_dir = Path(config.training.output_dir)
+    check_output_path(output_dir)  # before the accelerator, whose trackers may create folders there
     accelerator = make_accelerator(config.training, output_dir)
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(output_dir) if resume else None
-    if resume and resume_from is None:
-        log.warning("--resume: no complete checkpoint in %s; starting from the beginning.", output_dir)
+    # Every process reads the same files and so reaches the same decision (or the same error).
+    resume_from, damaged, changes = None, [], None
+    if resume:
+        main = accelerator.is_main_process
+        resume_from, damaged = resume_checkpoint(output_dir, CHECKPOINT_FILES.get(stage, ()), report=main)
+        if resume_from is None and damaged:
+            raise UserError(
+                f"--resume: no checkpoint in {output_dir} can be resumed from: {'; '.join(p for _, p in damaged)}. "
+                "Start the run again (--overwrite; under `rlhf run`: --from this stage) or restore the files."
+            )
+        if resume_from is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from the beginning.", output_dir)
+        else:
+            changes = check_resume_config(output_dir, stage, config, resume_from, allow, report=main)
+            if main:
+                check_process_count(resume_from, accelerator.num_processes)
+    accelerator.wait_for_everyone()  # nobody still reads config.yaml or the checkpoints below
     if accelerator.is_main_process:
+        for path, _ in damaged:
+            log.warning("%s set aside as %s", path, set_aside_damaged(path).name)
+        if changes:
+            kept = keep_previous_config(output_dir, resume_from)
+            if kept is not None:
+                log.info("the run's config up to %s is kept as %s", resume_from.name, kept)
         write_run_files(output_dir, stage, config)
         if resume_from is None:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -43,6 +92,15 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool) -> Run:
                  "es" if accelerator.num_processes > 1 else "", accelerator.device)
     metrics = MetricsWriter(output_dir, accelerator, enabled=accelerator.is_main_process)
     return Run(accelerator, output_dir, metrics, resume_from)
+
+
+def check_process_count(checkpoint: Path, processes: int) -> None:
+    """A checkpoint written by another number of processes resumes, but the data each process sees
+    from there on differs from the uninterrupted run's: say so."""
+    saved = len(list(checkpoint.glob("rng_state_*.json")))
+    if saved and saved != processes:
+        log.warning("--resume: %s was written by %d process(es), this run has %d; the run continues, but not "
+                    "with the batches the original run would have seen.", checkpoint, saved, processes)
 
 
 # `rlhf run` runs several stages in one process and sets this: the process group of a many-process

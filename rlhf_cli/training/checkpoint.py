@@ -9,6 +9,9 @@ A checkpoint `checkpoint-<step>/` holds:
 
 It is written to `checkpoint-<step>.tmp/` and renamed when complete, so a folder named
 `checkpoint-<step>` without `trainer_state.json` can only come from outside; it is reported and skipped.
+A complete-looking checkpoint whose files are damaged (a truncated safetensors or .pt file, a missing
+weights file, an unreadable trainer_state.json: a disk that filled up, a copy cut short) is found by
+`checkpoint_problem` before anything loads it, reported by file, and skipped by `resume_checkpoint`.
 """
 
 import json
@@ -17,14 +20,18 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +139,133 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None: its header (8-byte little-endian length, then
+    JSON with each tensor's data offsets) must parse and its data must end exactly where the file does.
+    Reads the header only, so it is cheap for any size of file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path} is truncated ({size} bytes, shorter than a safetensors header)"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"{path} is truncated ({size} bytes; its header alone says {8 + length})"
+            header = json.loads(f.read(length))
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or err})"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path} is not a safetensors file (its header is not valid JSON)"
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return f"{path} is not a safetensors file (a tensor entry has no data_offsets)"
+    expected = 8 + length + end
+    if expected != size:
+        what = "truncated" if size < expected else "longer than its header says"
+        return f"{path} is {what} ({size} bytes; its header says {expected})"
+    return None
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """What is wrong with a `torch.save` file (a zip archive), or None. Opening the archive reads its
+    central directory at the end of the file, which a truncated file has lost."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or err})"
+    except zipfile.BadZipFile:
+        return f"{path} is truncated or damaged (not a complete torch.save archive)"
+    return None
+
+
+def _weights_files(model_dir: Path) -> list[Path] | str:
+    """The weights files of a checkpoint's model folder, or what is missing."""
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index} is not a valid shard index"
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            return f"{model_dir / missing[0]} is missing (listed in {index.name})"
+        return [model_dir / s for s in shards]
+    return f"{model_dir} holds no weights (no adapter_model.safetensors or model.safetensors)"
+
+
+def checkpoint_problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
+    """What makes a complete-looking checkpoint unusable (the first missing or damaged file), or None.
+
+    `required`: files beyond the ones every checkpoint has, e.g. PPO's `value_head.safetensors`.
+    Checks what `load_checkpoint` reads: trainer_state.json, the model weights, optimizer.pt,
+    scheduler.pt, extra modules and RNG states -- headers and sizes only, no tensor is loaded."""
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+        int(state["step"])
+    except OSError as err:
+        return f"{state_file} cannot be read ({err.strerror or err})"
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return f"{state_file} is damaged (not a JSON object with a step)"
+    weights = _weights_files(path / "model")
+    if isinstance(weights, str):
+        return weights
+    for name in ("optimizer.pt", "scheduler.pt", *required):
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    for file in ("optimizer.pt", "scheduler.pt"):
+        if problem := torch_file_problem(path / file):
+            return problem
+    for file in [*weights, *sorted(path.glob("*.safetensors"))]:
+        if problem := safetensors_problem(file):
+            return problem
+    for file in sorted(path.glob("rng_state_*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return f"{file} is damaged (not valid JSON)"
+    return None
+
+
+def resume_checkpoint(
+    output_dir: Path, required: tuple[str, ...] = (), report: bool = True
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete, undamaged checkpoint (None if there is none) and the newer damaged ones
+    that were passed over, each with what is wrong with it (logged when `report`)."""
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path, required)
+        if problem is None:
+            return path, damaged
+        if report:
+            log.warning("%s is damaged: %s; skipping it.", path, problem)
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def latest_checkpoint(output_dir: Path, required: tuple[str, ...] = ()) -> Path | None:
+    """The newest checkpoint a run can resume from (damaged ones are reported and skipped)."""
+    return resume_checkpoint(output_dir, required)[0]
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Rename a damaged checkpoint to `checkpoint-<step>.damaged` (kept for inspection, never listed,
+    rotated or resumed from again); returns the new path."""
+    target = path.with_name(f"{path.name}.damaged")
+    number = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{number}")
+        number += 1
+    path.rename(target)
+    return target
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -145,32 +276,85 @@ def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
 
 
 def load_weights_into(model, folder: Path) -> None:
-    """Load a checkpoint's model folder into an already-built model (full weights or a PEFT adapter)."""
-    adapter = folder / "adapter_model.safetensors"
-    if adapter.exists():
-        from peft import set_peft_model_state_dict
+    """Load a checkpoint's model folder into an already-built model (full weights or a PEFT adapter).
 
-        set_peft_model_state_dict(model, load_file(adapter))
-        return
-    state = load_file(folder / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    Weights that do not fit the model (another model or adapter shape than the checkpoint's: a config
+    changed with --allow-config-change) are a UserError naming the folder."""
+    adapter = folder / "adapter_model.safetensors"
+    try:
+        if adapter.exists():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_file(adapter))
+            return
+        files = _weights_files(folder)
+        if isinstance(files, str):
+            raise UserError(f"{files}; the checkpoint cannot be resumed.")
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(file))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ: torch's message lists them
+        raise _mismatch(folder, str(err).splitlines()[0]) from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     untied_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if untied_missing or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {untied_missing}, unexpected {unexpected}")
+        raise _mismatch(folder, f"missing {untied_missing[:3]}, unexpected {unexpected[:3]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _mismatch(where: Path, detail: str) -> UserError:
+    return UserError(
+        f"{where} does not fit the model this config builds ({detail}): the model or adapter settings "
+        "changed since the checkpoint was written. Resume with the config it was written with, or start "
+        "a new run (--overwrite or another --output-dir)."
+    )
+
+
+HYPERPARAMETERS = ("betas", "eps", "weight_decay", "initial_lr")
+
+
+def _keep_config_hyperparameters(optimizer, scheduler, fresh_groups: list[dict], fresh_base_lrs: list | None) -> None:
+    """After loading a checkpoint's optimizer and scheduler, put back the hyperparameters of the config
+    the run resumes with (torch restores the checkpoint's, so a changed learning rate would silently
+    not apply). The step count, Adam moments and schedule position stay the checkpoint's. With an
+    unchanged config every value is the one the checkpoint holds, bit for bit."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+        for key in HYPERPARAMETERS:
+            if key in fresh:
+                group[key] = fresh[key]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if fresh_base_lrs is None or lambdas is None or len(fresh_base_lrs) != len(optimizer.param_groups):
+        return
+    scheduler.base_lrs = list(fresh_base_lrs)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(fresh_base_lrs, lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def load_checkpoint(
     path: Path, accelerator, model, optimizer, scheduler, extra_modules: dict[str, torch.nn.Module] | None = None
 ) -> dict[str, Any]:
-    """Restore everything save_checkpoint wrote; returns the trainer state."""
+    """Restore everything save_checkpoint wrote; returns the trainer state.
+
+    The optimizer's hyperparameters (learning rate, betas, eps, weight decay) are the config's, not the
+    checkpoint's: see _keep_config_hyperparameters."""
     load_weights_into(accelerator.unwrap_model(model), path / "model")
     for name, module in (extra_modules or {}).items():
-        accelerator.unwrap_model(module).load_state_dict(load_file(path / f"{name}.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        try:
+            accelerator.unwrap_model(module).load_state_dict(load_file(path / f"{name}.safetensors"))
+        except RuntimeError as err:
+            raise _mismatch(path / f"{name}.safetensors", str(err).splitlines()[0]) from None
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs) if hasattr(scheduler, "base_lrs") else None
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    except (ValueError, RuntimeError) as err:  # another number or shape of trainable parameters
+        raise _mismatch(path / "optimizer.pt", str(err).splitlines()[0]) from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _keep_config_hyperparameters(optimizer, scheduler, fresh_groups, fresh_base_lrs)
     rank = accelerator.process_index
     rng_json = path / f"rng_state_{rank}.json"
     if rng_json.exists():

@@ -47,3 +47,93 @@ def test_metrics_jsonl_rows_have_step_and_truncate_on_resume(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["bad"] == "nan"
+
+
+# --- output folders that cannot be used, and what --overwrite may delete ------------------------------
+
+
+def test_output_dir_under_a_file_is_refused_naming_both(tmp_path):
+    (tmp_path / "some_file").write_text("x")
+    with pytest.raises(UserError, match=r"some_file/out cannot be created: .*some_file is a file"):
+        prepare_output_dir(tmp_path / "some_file" / "out", resume=False, overwrite=False)
+    with pytest.raises(UserError, match="some_file exists and is not a folder"):
+        prepare_output_dir(tmp_path / "some_file", resume=False, overwrite=True)
+    assert (tmp_path / "some_file").read_text() == "x"
+
+
+def test_an_unwritable_output_dir_is_a_user_error(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
+    with pytest.raises(UserError, match=r"cannot write to .*run \(Permission denied\)"):
+        prepare_output_dir(tmp_path / "run", resume=False, overwrite=False)
+
+
+def test_overwrite_deletes_only_a_folder_that_holds_rlhf_output(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    (home / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds files but no rlhf run"):
+        prepare_output_dir(home, resume=False, overwrite=True)
+    assert (home / "notes.txt").read_text() == "keep me"
+    # an interrupted eval left only samples.jsonl: that is rlhf output, so --overwrite replaces it
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "samples.jsonl").write_text("{}\n")
+    prepare_output_dir(tmp_path / "eval", resume=False, overwrite=True)
+    assert not (tmp_path / "eval" / "samples.jsonl").exists()
+    # the current folder (even one holding a run) is never deleted
+    (home / "config.yaml").write_text("stage: sft\n")
+    monkeypatch.chdir(home / "src")
+    for folder in (".", ".."):
+        with pytest.raises(UserError, match="current folder or contains it"):
+            prepare_output_dir(folder, resume=False, overwrite=True)
+    assert (home / "notes.txt").exists()
+
+
+# --- --resume with another config than the run's -------------------------------------------------------
+
+
+def sft_config(tmp_path, **training):
+    return build_stage("sft", {"training": {"output_dir": str(tmp_path), "max_steps": 4, **training}})
+
+
+def test_resume_config_changes_are_sorted_by_what_they_do(tmp_path):
+    from rlhf_cli.config.loader import to_dict
+    from rlhf_cli.training.output import resume_config_changes
+
+    old = to_dict("sft", sft_config(tmp_path))
+    new = build_stage("sft", {
+        "model": {"model_name_or_path": "builtin:small-gpt2"},
+        "data": {"dataset_name": "other.jsonl", "max_eval_samples": 5},
+        "training": {"output_dir": str(tmp_path / "moved"), "max_steps": 8, "seed": 1, "learning_rate": 1e-3,
+                     "logging_steps": 1, "save_steps": 2, "per_device_train_batch_size": 2},
+    })
+    changes = resume_config_changes(old, "sft", new)
+    assert [c.split(":")[0] for c in changes.meaningless] == [
+        "data.dataset_name", "model.model_name_or_path", "training.per_device_train_batch_size", "training.seed"]
+    assert changes.run_length == ["training.max_steps: 4 -> 8"]
+    assert changes.other == ["data.max_eval_samples: None -> 5", "training.learning_rate: 5e-05 -> 0.001"]
+    assert not resume_config_changes(old, "sft", sft_config(tmp_path, logging_steps=3, save_total_limit=None))
+    # a key that one side lacks (another rlhf version) is no change
+    assert not resume_config_changes({**old, "training": {**old["training"], "retired_key": 1}}, "sft", sft_config(tmp_path))
+
+
+def test_check_resume_config_refuses_meaningless_changes_unless_allowed(tmp_path, caplog):
+    from rlhf_cli.training.output import check_resume_config
+
+    write_run_files(tmp_path, "sft", sft_config(tmp_path))
+    checkpoint = tmp_path / "checkpoint-2"
+    with pytest.raises(UserError) as info:
+        check_resume_config(tmp_path, "sft", sft_config(tmp_path, seed=7, learning_rate=1e-3), checkpoint, False)
+    message = str(info.value)
+    assert "training.seed: 42 -> 7" in message and "--allow-config-change" in message
+    assert "learning_rate" not in message and str(tmp_path / "config.yaml") in message
+    with caplog.at_level("INFO"):
+        changes = check_resume_config(tmp_path, "sft", sft_config(tmp_path, seed=7, learning_rate=1e-3, max_steps=9),
+                                      checkpoint, True)
+    assert changes.meaningless and "training.learning_rate: 5e-05 -> 0.001" in caplog.text
+    assert "training.max_steps: 4 -> 9" in caplog.text
+    ppo = build_stage("ppo", {"reward": {"function": "builtin:sentiment"}, "training": {"output_dir": str(tmp_path)}})
+    with pytest.raises(UserError, match="holds an `rlhf sft` run, not `rlhf ppo`"):
+        check_resume_config(tmp_path, "ppo", ppo, checkpoint, True)
