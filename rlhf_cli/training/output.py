@@ -159,6 +159,8 @@ MEANINGLESS_ON_RESUME = {
     "ppo.num_mini_batches": "the rollout batch (and the data position) is sized by it",
 }
 EVAL_ONLY_DATA = ("data.dataset_test_split", "data.max_eval_samples")
+# Changed keys whose new value a resumed run does not use: the checkpoint's state wins (said in the warning).
+CHECKPOINT_WINS = {"ppo.kl_coef": "the checkpoint's KL controller keeps its coefficient (ppo/kl.py)"}
 
 
 @dataclass
@@ -222,6 +224,8 @@ def resume_config_changes(old: dict, stage: str, config: Any) -> ConfigChanges:
             changes.run_length.append(text)
         elif (reason := _meaningless_reason(key)) is not None:
             changes.meaningless.append(f"{text} ({reason})")
+        elif key in CHECKPOINT_WINS:
+            changes.other.append(f"{text} (no effect: {CHECKPOINT_WINS[key]})")
         else:
             changes.other.append(text)
     return changes
@@ -259,7 +263,8 @@ def check_resume_config(
     for text in changes.run_length:
         log.info("--resume: run length changed: %s", text)
     for text in changes.other:
-        log.warning("--resume: config changed since %s: %s (applies from here on)", checkpoint.name, text)
+        applies = "" if "(no effect:" in text else " (applies from here on)"
+        log.warning("--resume: config changed since %s: %s%s", checkpoint.name, text, applies)
     return changes
 
 

@@ -115,6 +115,11 @@ def test_resume_config_changes_are_sorted_by_what_they_do(tmp_path):
     assert changes.run_length == ["training.max_steps: 4 -> 8"]
     assert changes.other == ["data.max_eval_samples: None -> 5", "training.learning_rate: 5e-05 -> 0.001"]
     assert not resume_config_changes(old, "sft", sft_config(tmp_path, logging_steps=3, save_total_limit=None))
+    ppo = {"reward": {"function": "builtin:sentiment"}, "training": {"output_dir": str(tmp_path)}}
+    ppo_changes = resume_config_changes(to_dict("ppo", build_stage("ppo", ppo)), "ppo",
+                                        build_stage("ppo", {**ppo, "ppo": {"kl_coef": 0.2}}))
+    assert ppo_changes.other == ["ppo.kl_coef: 0.05 -> 0.2 (no effect: the checkpoint's KL controller keeps its "
+                                 "coefficient (ppo/kl.py))"]
     # a key that one side lacks (another rlhf version) is no change
     assert not resume_config_changes({**old, "training": {**old["training"], "retired_key": 1}}, "sft", sft_config(tmp_path))
 
