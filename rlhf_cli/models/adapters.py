@@ -37,16 +37,24 @@ def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: lis
     return model
 
 
-def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
-    """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`).
+def save_model_folder(model, folder: Path, tokenizer=None) -> None:
+    """The model as `transformers`/`peft` load it: config + safetensors (+ tokenizer files); for the
+    final model and every checkpoint alike.
 
-    An adapter folder holds the adapter that trained (the active one) only: a frozen `reference`
-    adapter (PPO started from an adapter folder, models/policy.py) is not part of the result. The
-    config is written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
+    An adapter folder holds the adapter that trains (the active one) only: a frozen `reference`
+    adapter (PPO started from an adapter folder, models/policy.py) is not part of it. The config is
+    written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
     extra = {"selected_adapters": list(model.active_adapters)} if isinstance(model, PeftModel) else {}
     with original_dropout_config(model):
-        model.save_pretrained(output_dir, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(output_dir)
+        model.save_pretrained(folder, safe_serialization=True, **extra)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
+    """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`)."""
+    save_model_folder(model, output_dir, tokenizer)
+    with original_dropout_config(model):
         if isinstance(model, PeftModel) and peft_cfg.save_merged:
             merged = model.merge_and_unload()  # the active adapter is folded into the base weights in place
             merged.save_pretrained(output_dir / "merged", safe_serialization=True)

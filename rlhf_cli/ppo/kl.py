@@ -46,7 +46,8 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        """Nothing to restore: a fixed coefficient is configuration, so a resumed run uses the
+        configured one (a changed `kl_coef` applies from the resumed iteration on)."""
 
 
 class AdaptiveKLController:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import save_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,6 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 def _module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-
-
-def save_model_folder(model, folder: Path, tokenizer=None) -> None:
-    """The model as `transformers`/`peft` load it: config + safetensors (+ tokenizer files)."""
-    model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:

@@ -160,7 +160,8 @@ MEANINGLESS_ON_RESUME = {
 }
 EVAL_ONLY_DATA = ("data.dataset_test_split", "data.max_eval_samples")
 # Changed keys whose new value a resumed run does not use: the checkpoint's state wins (said in the warning).
-CHECKPOINT_WINS = {"ppo.kl_coef": "the checkpoint's KL controller keeps its coefficient (ppo/kl.py)"}
+# (only with ppo.adaptive_kl: a fixed coefficient is configuration and the new value applies)
+CHECKPOINT_WINS = {"ppo.kl_coef": "with ppo.adaptive_kl the checkpoint's adapted coefficient is restored (ppo/kl.py)"}
 
 
 @dataclass
@@ -224,7 +225,7 @@ def resume_config_changes(old: dict, stage: str, config: Any) -> ConfigChanges:
             changes.run_length.append(text)
         elif (reason := _meaningless_reason(key)) is not None:
             changes.meaningless.append(f"{text} ({reason})")
-        elif key in CHECKPOINT_WINS:
+        elif key in CHECKPOINT_WINS and new.get("ppo.adaptive_kl"):
             changes.other.append(f"{text} (no effect: {CHECKPOINT_WINS[key]})")
         else:
             changes.other.append(text)

@@ -306,6 +306,6 @@ def test_ppo_from_an_sft_adapter_folder_starts_at_kl_zero(cli, tmp_path, write_y
     assert result.returncode == 0, result.stderr[-3000:]
     kl = [r["objective/kl"] for r in read_metrics(out) if "objective/kl" in r]
     assert abs(kl[0]) < 1e-3, kl  # before the fix: ~0.5 nats (the base model was the reference)
-    assert not (out / "reference").exists()
+    assert not (out / "reference").exists() and not (out / "checkpoint-1" / "model" / "reference").exists()
     policy = PeftModel.from_pretrained(load_model("builtin:tiny-gpt2", task="causal-lm"), out)
     assert list(policy.peft_config) == ["default"]

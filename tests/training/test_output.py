@@ -118,8 +118,12 @@ def test_resume_config_changes_are_sorted_by_what_they_do(tmp_path):
     ppo = {"reward": {"function": "builtin:sentiment"}, "training": {"output_dir": str(tmp_path)}}
     ppo_changes = resume_config_changes(to_dict("ppo", build_stage("ppo", ppo)), "ppo",
                                         build_stage("ppo", {**ppo, "ppo": {"kl_coef": 0.2}}))
-    assert ppo_changes.other == ["ppo.kl_coef: 0.05 -> 0.2 (no effect: the checkpoint's KL controller keeps its "
-                                 "coefficient (ppo/kl.py))"]
+    assert ppo_changes.other == ["ppo.kl_coef: 0.05 -> 0.2"]  # a fixed coefficient: the new one applies
+    adaptive = {**ppo, "ppo": {"adaptive_kl": True}}
+    adaptive_changes = resume_config_changes(to_dict("ppo", build_stage("ppo", adaptive)), "ppo",
+                                             build_stage("ppo", {**ppo, "ppo": {"adaptive_kl": True, "kl_coef": 0.2}}))
+    assert adaptive_changes.other == ["ppo.kl_coef: 0.05 -> 0.2 (no effect: with ppo.adaptive_kl the checkpoint's "
+                                      "adapted coefficient is restored (ppo/kl.py))"]
     # a key that one side lacks (another rlhf version) is no change
     assert not resume_config_changes({**old, "training": {**old["training"], "retired_key": 1}}, "sft", sft_config(tmp_path))
 
