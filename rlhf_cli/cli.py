@@ -1,4 +1,4 @@
-"""The `rlhf` command: sft | reward | ppo | eval | validate | run (a recipe of several stages).
+"""The `rlhf` command: sft | reward | ppo | dpo | eval | validate | run (a recipe of several stages).
 
 Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 an internal error.
 """
@@ -48,6 +48,7 @@ STAGE_HELP = {
     "sft": "Supervised fine-tuning of a causal language model (or a LoRA adapter).",
     "reward": "Train a pairwise (Bradley-Terry) reward model from preference pairs.",
     "ppo": "PPO against a reward: a reward model, a classifier or any Python function.",
+    "dpo": "Direct preference optimisation of a causal LM (or a LoRA adapter) on preference pairs.",
     "eval": "Score, compare and plot models and checkpoints.",
 }
 

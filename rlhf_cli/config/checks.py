@@ -22,7 +22,7 @@ def check_trainable_dtype(stage: str, config: Any) -> None:
     of 1e-6, 98% of the weights of a bf16 model are unchanged after 10 steps). LoRA is fine: peft keeps
     adapter weights in float32 over a frozen half-precision base. (`model.dtype: auto` on a folder
     saved in half precision is upcast where the model is loaded for training: models/loading.py.)"""
-    if stage not in ("sft", "reward", "ppo") or config.model.dtype not in HALF_DTYPES:
+    if stage not in ("sft", "reward", "ppo", "dpo") or config.model.dtype not in HALF_DTYPES:
         return
     dtype = config.model.dtype
     name = config.model.model_name_or_path
@@ -81,6 +81,30 @@ def check_eval(config: Any) -> None:
         )
 
 
+def check_dpo(config: Any) -> None:
+    dpo, data = config.dpo, config.data
+    if dpo.reference_free and dpo.precompute_ref_log_probs:
+        raise UserError(
+            "dpo.precompute_ref_log_probs is true but dpo.reference_free is true too: there is no reference "
+            "to precompute; set one of them to false."
+        )
+    if dpo.label_smoothing >= 0.5:
+        raise UserError(
+            f"dpo.label_smoothing: {dpo.label_smoothing} would say at least half the labels are wrong; "
+            "use a value in [0, 0.5)."
+        )
+    if dpo.label_smoothing > 0 and dpo.loss_type not in ("sigmoid", "robust"):
+        raise UserError(
+            f"dpo.label_smoothing applies to loss_type sigmoid or robust, not {dpo.loss_type}; set it to 0 or "
+            "change dpo.loss_type."
+        )
+    if data.max_prompt_length >= data.max_length:
+        raise UserError(
+            f"data.max_prompt_length ({data.max_prompt_length}) leaves no room for a response in data.max_length "
+            f"({data.max_length}); lower max_prompt_length or raise max_length."
+        )
+
+
 def check_generation(gen: GenerationConfig) -> None:
     if gen.min_response_length > gen.response_length:
         raise UserError(
@@ -99,6 +123,8 @@ def check_stage(stage: str, config: Any) -> None:
         check_reward(config.reward)
     if stage == "eval":
         check_eval(config)
+    if stage == "dpo":
+        check_dpo(config)
     opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)
     if opening is not None and (len(opening) != 2 or opening[0] > opening[1]):
         raise UserError(f"data.prompt_opening_tokens: expected [min, max] with min <= max, got {opening}.")

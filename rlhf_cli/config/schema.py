@@ -49,6 +49,28 @@ class RewardDataConfig(DataConfig):
 
 
 @dataclass
+class DPODataConfig(DataConfig):
+    dataset_name: str = option(
+        "builtin:review-preferences",
+        "Preference dataset: a `builtin:` name, Hub name, local file or `save_to_disk` folder.",
+    )
+    prompt_column: str | None = option(
+        "prompt",
+        "Column holding the prompt (text or messages); null when chosen/rejected already contain it "
+        "(the prompt is then their common beginning).",
+    )
+    chosen_column: str = option("chosen", "Column holding the preferred response.")
+    rejected_column: str = option("rejected", "Column holding the dispreferred response.")
+    max_prompt_length: int = option(256, "Maximum prompt tokens; longer prompts are cut (truncation_mode).", min=1)
+    truncation_mode: str = option(
+        "keep_end",
+        "Which end of a long prompt to keep: `keep_end` (the tokens next to the response) or `keep_start`. "
+        "A response that does not fit in max_length keeps its first tokens.",
+        choices=("keep_end", "keep_start"),
+    )
+
+
+@dataclass
 class PromptDataConfig(DataConfig):
     prompt_column: str = option("prompt", "Column holding the prompt (a string or a list of messages).")
     max_prompt_length: int = option(64, "Maximum prompt tokens.", min=1)
@@ -110,6 +132,38 @@ class PPOOptions:
     )
     sample_steps: int = option(10, "Write a few (prompt, response, reward) rows every this many iterations.", min=1)
     num_sample_rows: int = option(4, "Rows written each time samples are logged.", min=0)
+
+
+@dataclass
+class DPOOptions:
+    beta: float = option(
+        0.1, "Strength of the implicit KL to the reference: higher stays closer to it (TRL's beta).", greater_than=0.0
+    )
+    loss_type: str = option(
+        "sigmoid",
+        "`sigmoid` (DPO), `robust` (noise-robust DPO), `ipo` (IPO, on length-averaged log-probs), `hinge` "
+        "(SLiC), `apo_zero` (APO-zero: chosen up, rejected down, each against the reference); docs/dpo.md.",
+        choices=("sigmoid", "robust", "ipo", "hinge", "apo_zero"),
+    )
+    label_smoothing: float = option(
+        0.0, "Assumed probability that a pair's label is flipped (sigmoid: cDPO; robust); below 0.5.", min=0.0
+    )
+    reference_free: bool = option(
+        False, "No reference model: its log-probs are taken as 0 (the loss sees the policy's margins alone)."
+    )
+    precompute_ref_log_probs: bool = option(
+        False,
+        "Compute the reference log-probs of every pair once before training (then a full-weight reference "
+        "is freed) instead of one reference pass per batch.",
+    )
+    rpo_alpha: float | None = option(
+        None, "Weight of an NLL term on the chosen response (RPO, Pang et al. 2024); null: none.", min=0.0
+    )
+    padding_free: bool = option(
+        False,
+        "Concatenate the batch's sequences into one row without padding (position_ids restart per sequence); "
+        "for models whose attention keeps packed sequences apart (checked at start).",
+    )
 
 
 @dataclass
@@ -177,6 +231,19 @@ class PPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    model: ModelConfig = section(
+        ModelConfig, "The policy (any causal LM, full weights or a LoRA adapter folder) and its frozen reference."
+    )
+    peft: PeftConfig = section(
+        PeftConfig, "LoRA adapters on the policy; the reference is then the model with the adapter off."
+    )
+    data: DPODataConfig = section(DPODataConfig, "The preference pairs.")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+    dpo: DPOOptions = section(DPOOptions, "The DPO loss and its reference.")
+
+
+@dataclass
 class EvalConfig:
     eval: EvalOptions = section(EvalOptions, "What to compare and where to write it.")
     data: PromptDataConfig = section(PromptDataConfig, "The held-out prompts.")
@@ -188,5 +255,6 @@ STAGES: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardModelConfig,
     "ppo": PPOConfig,
+    "dpo": DPOConfig,
     "eval": EvalConfig,
 }
