@@ -138,6 +138,7 @@ def test_resolved_config_round_trip(tmp_path, write_yaml, stage):
         "reward": "reward:\n  center_rewards_coefficient: 0.01\n",
         "ppo": PPO_MIN + "ppo:\n  kl_coef: 0.3\n",
         "eval": PPO_MIN + "eval:\n  models: [builtin:tiny-gpt2]\n",
+        "dpo": "data:\n  max_prompt_length: 32\ndpo:\n  beta: 0.2\n  loss_type: ipo\n",
     }[stage]
     cfg = load_config(stage, write_yaml("c.yaml", text), ["data.max_length=77"])
     dump_config(stage, cfg, tmp_path / "resolved.yaml")

@@ -48,7 +48,9 @@ def two_train_forwards(model) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_train_mode_forwards_are_identical_after_disable_dropout(name):
     model = tiny(name)
-    a, b = two_train_forwards(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # OPT's layerdrop can skip both layers in both forwards under some RNG states
+        a, b = two_train_forwards(model)
     assert not torch.equal(a, b)  # the model really has dropout on
     disable_dropout(model)
     a, b = two_train_forwards(model)
