@@ -5,6 +5,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
 
 from rlhf_cli.config.sections import PeftConfig
 from rlhf_cli.models.dropout import original_dropout_config
@@ -20,13 +21,41 @@ def target_modules(model, peft_cfg: PeftConfig) -> list[str] | str:
     return list(default) if default else "all-linear"
 
 
+def untie_targeted_output_layer(model, targets: list[str] | str) -> bool:
+    """Give the output layer its own copy of the weight it shares with the input embeddings, when
+    `targets` names it (e.g. `lm_head` of GPT-2, Qwen2.5-0.5B, Gemma, T5: tied embeddings).
+
+    The adapter is meant for the output layer alone. On a tied weight, merging it would change the
+    input embeddings as well, and the merged model would compute something else than the adapter
+    did (peft warns about exactly this). The copy holds the same values, so the model computes what
+    it did; it costs one vocabulary x hidden matrix of memory. Returns whether it untied."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(targets, list) or output is None or inputs is None or output.weight is not inputs.weight:
+        return False
+    name = next(n for n, m in model.named_modules() if m is output)
+    if not any(name == t or name.endswith("." + t) for t in targets):  # peft's matching of listed names
+        return False
+    output.weight = nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
+    for config in (model.config, model.config.get_text_config()):
+        config.tie_word_embeddings = False  # saved as such with a merged model; tie_weights() leaves it apart
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    log.info("%s had its weight tied to the input embeddings; it has its own copy now, for the adapter", name)
+    return True
+
+
 def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: list[str] | None = None):
-    """Wrap `model` in a LoRA adapter; only adapter weights (and `modules_to_save`) train."""
+    """Wrap `model` in a LoRA adapter; only adapter weights (and `modules_to_save`) train.
+
+    An output layer among the targets gets an adapter of its own: see `untie_targeted_output_layer`.
+    (PPO on the built-in world learns the reward with it far more reliably, docs/ppo.md.)"""
+    targets = target_modules(model, peft_cfg)
+    untie_targeted_output_layer(model, targets)
     config = LoraConfig(
         r=peft_cfg.lora_r,
         lora_alpha=peft_cfg.lora_alpha,
         lora_dropout=peft_cfg.lora_dropout,
-        target_modules=target_modules(model, peft_cfg),
+        target_modules=targets,
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
