@@ -1,5 +1,6 @@
 """LoRA adapters through `peft`, and writing the final model (full weights, adapter, merged)."""
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def untie_targeted_output_layer(model, targets: list[str] | str) -> bool:
     name = next(n for n, m in model.named_modules() if m is output)
     if not any(name == t or name.endswith("." + t) for t in targets):  # peft's matching of listed names
         return False
+    if _forward_reads_tie_flag(model):  # untying would change what it computes: leave it (peft warns)
+        log.warning("%s is tied to the input embeddings and %s reads that flag in its forward; left tied: "
+                    "a merged model would differ from the adapter", name, type(model).__name__)
+        return False
     output.weight = nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
     for config in (model.config, model.config.get_text_config()):
         config.tie_word_embeddings = False  # saved as such with a merged model; tie_weights() leaves it apart
@@ -42,6 +47,14 @@ def untie_targeted_output_layer(model, targets: list[str] | str) -> bool:
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     log.info("%s had its weight tied to the input embeddings; it has its own copy now, for the adapter", name)
     return True
+
+
+def _forward_reads_tie_flag(model) -> bool:
+    """A few architectures (SwitchTransformers, UDOP) rescale the decoder output when the flag is set."""
+    try:
+        return "tie_word_embeddings" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source to read: assume it does
+        return True
 
 
 def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: list[str] | None = None):
