@@ -24,7 +24,8 @@ def test_stage_help_shows_config_keys_with_their_help(cli, stage):
     assert "--set KEY=VALUE" in result.stdout and "--resume" in result.stdout
     assert "--allow-config-change" in result.stdout
     assert "Dtype the weights are loaded in" in result.stdout or stage == "eval"
-    assert "Sampling temperature" in result.stdout or stage in ("sft", "reward")
+    assert "Sampling temperature" in result.stdout or stage in ("sft", "reward", "dpo")
+    assert "beta" in result.stdout or stage != "dpo"
 
 
 def test_validate_ok_and_typo(cli, write_yaml):
