@@ -168,7 +168,7 @@ def test_whole_list_value_replaces_the_list(tiny_recipe):
         (("model.model_name_or_path: ${{sft}}", "reward.sources[3].weight: 1"), "has 1 item(s)"),
         (("model.model_name_or_path: ${{sft}}", "ppo.total_episodes: many"), "ppo.total_episodes: expected integer"),
         (("- name: eval", "- name: sft"), "'sft' is used twice"),
-        (("command: ppo", "command: dpo"), "'dpo' is not a subcommand"),
+        (("command: ppo", "command: distill"), "'distill' is not a subcommand"),
         (("config: ppo.yaml", "config: missing.yaml"), "missing.yaml not found"),
         (("config: eval.yaml", "config: eval.yaml\n    sett: {{}}"), "stages[2].sett: unknown key; did you mean set?"),
         (("output_dir:", "stage: sft\noutput_dir:"), "unknown recipe key"),
