@@ -10,7 +10,7 @@ import pytest
 from rlhf_cli.cli import resume_command
 from rlhf_cli.errors import Interrupted
 from rlhf_cli.training import signals
-from rlhf_cli.training.checkpoint import STATE_FILE, latest_checkpoint
+from rlhf_cli.training.checkpoint import STATE_FILE, list_checkpoints
 
 
 class OneProcess:
@@ -56,10 +56,11 @@ def test_resume_command(argv, expected):
 
 
 def test_unfinished_save_is_reported_and_skipped(tmp_path, caplog):
+    # only the listing is tested here; a listed checkpoint with damaged files is tests/training/test_checkpoint.py's
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / STATE_FILE).write_text("{}")
     (tmp_path / "checkpoint-4.tmp").mkdir()
     (tmp_path / "checkpoint-6").mkdir()  # no trainer_state.json
     with caplog.at_level(logging.WARNING):
-        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+        assert list_checkpoints(tmp_path) == [(2, tmp_path / "checkpoint-2")]
     assert "checkpoint-4.tmp" in caplog.text and "checkpoint-6" in caplog.text
