@@ -1,5 +1,8 @@
 """Built-in datasets of the offline world, generated on the fly from the review grammar.
 
+(``arithmetic``, short sums with exact answers for GRPO/RLOO, comes from ``arithmetic.py`` and
+follows the same rules: its prompts are held out by the same hash.)
+
 Every dataset is a ``DatasetDict`` with ``train`` and ``test`` splits, fixed by ``seed`` (another
 seed gives other rows) and cached nowhere (the default sizes take 1-6 s each, VADER scoring most
 of it). Two rules keep the evaluation honest:
@@ -28,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 from datasets import Dataset, DatasetDict, Features, List, Value
 
-from rlhf_cli.builtin import corpus
+from rlhf_cli.builtin import arithmetic, corpus
 from rlhf_cli.builtin.sentiment import sentiment_scores
 from rlhf_cli.errors import UserError
 
@@ -37,12 +40,14 @@ BUILTIN_DATASETS: dict[str, str] = {
     "review-preferences": "two continuations of one opening: prompt, chosen, rejected (gold gap >= 0.2)",
     "review-chat": "messages: a user asks for a positive/negative/mixed film review, the assistant writes it",
     "review-prompts": "distinct review openings (prompt) for PPO rollouts and evaluation",
+    "arithmetic": "sums of 2-3 single-digit operands with + and - (prompt '7 + 5 =') and the exact answer",
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "reviews": (20_000, 1_000),
     "review-preferences": (10_000, 1_000),
     "review-chat": (10_000, 500),
     "review-prompts": (10_000, 500),
+    "arithmetic": (2_000, 200),  # of 178 + 3587 train and 22 + 413 held-out problems (2 + 3 operands)
 }
 MIN_PREFERENCE_GAP = 0.2
 HELD_OUT_PERCENT = 10
@@ -69,6 +74,7 @@ _FEATURES = {
     ),
     "review-chat": Features({"messages": List({"role": _STRING, "content": _STRING}), "label": _STRING}),
     "review-prompts": Features({"prompt": _STRING}),
+    "arithmetic": Features({"prompt": _STRING, "answer": _STRING}),
 }
 # Label pairs for preference pairs: mostly opposite polarities, some harder same-polarity pairs.
 _PAIR_LABELS = (
@@ -155,12 +161,19 @@ def _prompt_rows(rng: random.Random, test: bool) -> Iterator[Row]:
         yield {"prompt": prompt}
 
 
+def _arithmetic_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    for row in arithmetic.random_problems(rng):
+        if is_held_out(row["prompt"]) == test:
+            yield row
+
+
 _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[[Row], object]]] = {
     # name: (row generator, the part of a row that must be unique within a split)
     "reviews": (_review_rows, lambda row: row["text"]),
     "review-preferences": (_preference_rows, lambda row: (row["prompt"], row["chosen"], row["rejected"])),
     "review-chat": (_chat_rows, lambda row: row["messages"][0]["content"]),
     "review-prompts": (_prompt_rows, lambda row: row["prompt"]),
+    "arithmetic": (_arithmetic_rows, lambda row: row["prompt"]),
 }
 
 

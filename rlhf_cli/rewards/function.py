@@ -15,6 +15,7 @@ from rlhf_cli.errors import UserError
 BUILTIN_FUNCTIONS = {
     "sentiment": ("rlhf_cli.builtin.sentiment", "sentiment_reward"),
     "mild-toxicity": ("rlhf_cli.builtin.toxicity", "mild_toxicity_reward"),
+    "exact-answer": ("rlhf_cli.builtin.arithmetic", "exact_answer_reward"),
 }
 
 
