@@ -83,9 +83,9 @@ def held_out_prompt_ids(max_prompt_length: int, response_length: int, temperatur
 def gold_score(model_dir: str, spec: dict, n: int, seed: int = 1234) -> float:
     """Mean builtin:sentiment of prompt + response on the first n held-out prompts (same for both sides)."""
     from rlhf_cli.builtin.sentiment import sentiment_scores
+    from rlhf_cli.lm.generation import install_sampling_config, left_pad, sample_responses
+    from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop
     from rlhf_cli.models.loading import load_model
-    from rlhf_cli.ppo.generation import install_sampling_config, left_pad, sample_responses
-    from rlhf_cli.ppo.masking import lengths_to_mask, truncate_after_stop
 
     tokenizer, config, ids = held_out_prompt_ids(spec["max_prompt_length"], spec["response_length"],
                                                  spec["temperature"])

@@ -31,9 +31,9 @@ def main() -> None:
 
     from rlhf_cli.config.loader import build_stage
     from rlhf_cli.data.loading import load_splits
+    from rlhf_cli.lm.generation import left_pad
     from rlhf_cli.models.loading import load_tokenizer
     from rlhf_cli.models.policy import load_policy
-    from rlhf_cli.ppo.generation import left_pad
     from rlhf_cli.ppo.trainer import PPOTrainer
     from rlhf_cli.rewards.combined import CombinedReward
     from rlhf_cli.stages.ppo import prepare_prompts

@@ -16,10 +16,10 @@ import torch  # noqa: E402
 
 from rlhf_cli.config.loader import build_stage  # noqa: E402
 from rlhf_cli.data.loading import load_splits  # noqa: E402
+from rlhf_cli.lm.forward import causal_inputs  # noqa: E402
+from rlhf_cli.lm.generation import install_sampling_config, left_pad, sample_responses  # noqa: E402
+from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop  # noqa: E402
 from rlhf_cli.models.loading import load_model, load_tokenizer  # noqa: E402
-from rlhf_cli.ppo.forward import causal_inputs  # noqa: E402
-from rlhf_cli.ppo.generation import install_sampling_config, left_pad, sample_responses  # noqa: E402
-from rlhf_cli.ppo.masking import lengths_to_mask, truncate_after_stop  # noqa: E402
 from rlhf_cli.stages.ppo import prepare_prompts  # noqa: E402
 
 s = spec

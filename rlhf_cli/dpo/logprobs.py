@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli.ppo.logprobs import logprobs_from_logits
+from rlhf_cli.lm.logprobs import logprobs_from_logits
 
 
 @dataclass

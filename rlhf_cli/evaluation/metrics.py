@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from rlhf_cli.ppo.masking import masked_sum
+from rlhf_cli.lm.masking import masked_sum
 
 
 def mean_std(values: Tensor) -> dict[str, float]:

@@ -14,19 +14,19 @@ import torch
 from rlhf_cli.config.sections import GenerationConfig
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.metrics import sequence_kl
-from rlhf_cli.models.dropout import disable_dropout
-from rlhf_cli.models.loading import load_model, load_tokenizer
-from rlhf_cli.models.policy import is_encoder_decoder
-from rlhf_cli.ppo.forward import model_inputs, response_slice
-from rlhf_cli.ppo.generation import (
+from rlhf_cli.lm.forward import model_inputs, response_slice
+from rlhf_cli.lm.generation import (
     innermost_model,
     install_sampling_config,
     left_pad,
     sample_responses,
     stop_token_id,
 )
-from rlhf_cli.ppo.logprobs import logprobs_from_logits
-from rlhf_cli.ppo.masking import lengths_to_mask, truncate_after_stop
+from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop
+from rlhf_cli.models.dropout import disable_dropout
+from rlhf_cli.models.loading import load_model, load_tokenizer
+from rlhf_cli.models.policy import is_encoder_decoder
 
 log = logging.getLogger(__name__)
 

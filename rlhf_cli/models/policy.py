@@ -35,8 +35,11 @@ def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None):
-    """(PolicyWithValue, reference or None). The reference is the starting policy, frozen:
+def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None,
+                with_value: bool = True, with_reference: bool = True):
+    """(PolicyWithValue, reference or None). `with_value`: a value head (or the `critic`) for
+    algorithms with a critic; `with_reference`: False for algorithms that use no reference (nothing
+    is loaded for it). The reference is the starting policy, frozen:
 
     - full weights: a frozen copy (returned);
     - a fresh LoRA adapter (peft.use_peft on full weights): None, the same weights with the adapter
@@ -56,15 +59,18 @@ def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic:
     if peft_cfg.use_peft and not adapter:
         policy = apply_lora(policy, peft_cfg, task_type="SEQ_2_SEQ_LM" if task == "seq2seq-lm" else "CAUSAL_LM")
         adapter = True
-    reference = None
-    if from_adapter_folder:
-        add_reference_adapter(policy, name)
-    elif not adapter:
+    if not adapter:
         policy = float32_master_weights(policy)  # model.dtype auto on a half-precision folder
+    reference = None
+    if from_adapter_folder and with_reference:
+        add_reference_adapter(policy, name)
+    elif not adapter and with_reference:
         # the reference is the starting policy: the same weights in the same dtype
         reference = load_model(name, **common).to(policy.dtype).eval().requires_grad_(False)
         disable_dropout(reference)
     disable_dropout(policy)
+    if not with_value:
+        return PolicyWithValue(policy, with_value=False), reference
 
     value_head = ValueHead.load(name) if Path(name).is_dir() else None
     critic_backbone = None

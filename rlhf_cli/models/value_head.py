@@ -60,14 +60,17 @@ class PolicyWithValue(nn.Module):
              -> decoder logits (B, T, V), values (B, T) (one per decoder position).
     """
 
-    def __init__(self, policy, value_head: ValueHead | None = None, critic=None):
+    def __init__(self, policy, value_head: ValueHead | None = None, critic=None, with_value: bool = True):
         super().__init__()
         self.policy = policy
-        self.value_head = value_head or ValueHead(hidden_size(critic or policy))
+        # without a value (critic-free algorithms) the forward is the policy's alone and values are None
+        self.value_head = (value_head or ValueHead(hidden_size(critic or policy))) if with_value else None
         self.critic = critic  # optional separate backbone (e.g. the reward model's) for the values
         self.is_encoder_decoder = bool(getattr(policy.config, "is_encoder_decoder", False))
 
-    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.value_head is None:
+            return self.policy(**inputs, use_cache=False).logits, None
         if self.critic is not None:
             logits = self.policy(**inputs, use_cache=False).logits
             hidden = self.critic(**inputs).last_hidden_state

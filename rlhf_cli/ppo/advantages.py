@@ -12,7 +12,7 @@ nothing is bootstrapped beyond it.
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.masking import masked_whiten
+from rlhf_cli.lm.masking import masked_whiten
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:

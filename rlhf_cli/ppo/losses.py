@@ -14,7 +14,7 @@ by it instead of by the local count, so micro-batches of unequal length weigh ev
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.masking import masked_mean, masked_sum
+from rlhf_cli.lm.masking import masked_mean, masked_sum
 
 
 def _reduce(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor | None) -> Tensor:

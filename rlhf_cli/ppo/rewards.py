@@ -8,7 +8,7 @@ pays the KL penalty -kl_coef * KL_t (Ziegler et al. 2019, eq. 2; Huang et al. 20
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.masking import first_true_index, masked_whiten
+from rlhf_cli.lm.masking import first_true_index, masked_whiten
 
 
 def apply_missing_eos_penalty(scores: Tensor, stopped: Tensor, penalty: float | None) -> Tensor:

@@ -38,8 +38,8 @@ def load_dpo_policy(config: DPOConfig):
             policy = apply_lora(policy, config.peft, task_type="CAUSAL_LM")
         disable_dropout(policy)
         return float32_master_weights(policy), Reference("free")
-    with_value, frozen_copy = load_policy(model_cfg, config.peft, seed)
-    policy = with_value.policy  # the value head load_policy adds for PPO is not used
+    wrapped, frozen_copy = load_policy(model_cfg, config.peft, seed, with_value=False)
+    policy = wrapped.policy
     if frozen_copy is not None:
         log.info("reference: a frozen copy of %s", name)
         return policy, Reference("copy", frozen_copy)

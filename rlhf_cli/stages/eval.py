@@ -24,7 +24,7 @@ from rlhf_cli.evaluation.sampling import (
     load_eval_tokenizer,
     sample_model,
 )
-from rlhf_cli.ppo.generation import encode_prompt_set
+from rlhf_cli.lm.generation import encode_prompt_set
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.training.metrics import read_metrics
 from rlhf_cli.training.output import prepare_output_dir, write_run_files

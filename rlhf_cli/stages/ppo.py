@@ -10,10 +10,10 @@ import torch
 from rlhf_cli.config.schema import PPOConfig
 from rlhf_cli.data.loading import load_splits, require_columns
 from rlhf_cli.errors import UserError
+from rlhf_cli.lm.generation import encode_prompt_set, left_pad
 from rlhf_cli.models.adapters import save_final_model
 from rlhf_cli.models.loading import load_stage_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.ppo.generation import encode_prompt_set, left_pad
 from rlhf_cli.ppo.trainer import NonFiniteBatch, PPOTrainer, Rollout
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.stages.common import finish_run, start_run
@@ -54,8 +54,8 @@ def held_out_scores(trainer: PPOTrainer, reward: CombinedReward, prompts, column
     total = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, len(rows), trainer.ppo.local_rollout_forward_batch_size):
-            chunk = rows[start : start + trainer.ppo.local_rollout_forward_batch_size]
+        for start in range(0, len(rows), trainer.forward_batch_size):
+            chunk = rows[start : start + trainer.forward_batch_size]
             q, m = left_pad([prompts[i] for i in chunk], pad)
             rollout = trainer.generate(query_ids=q.to(device), query_mask=m.to(device))
             scores, parts = score(reward, rollout, columns, chunk, trainer.accelerator)

@@ -3,9 +3,9 @@
 import torch
 
 from rlhf_cli.config.sections import ModelConfig, PeftConfig
+from rlhf_cli.lm.forward import causal_inputs
 from rlhf_cli.models.loading import load_model, load_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.ppo.forward import causal_inputs
 
 
 def batch():

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from rlhf_cli.config.loader import build_stage
+from rlhf_cli.lm.forward import model_inputs, response_slice
+from rlhf_cli.lm.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.lm.masking import masked_mean
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.ppo.forward import model_inputs, response_slice
-from rlhf_cli.ppo.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_cli.ppo.losses import policy_loss, value_loss
-from rlhf_cli.ppo.masking import masked_mean
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.training.accel import make_accelerator
 
@@ -84,6 +84,12 @@ def test_evaluate_equals_plain_forward(tmp_path, model):
     torch.testing.assert_close(ref_logprobs[mask], plain_ref[mask], atol=1e-5, rtol=1e-5)
 
 
+def micro_step(trainer, r, idx, old_logprobs, old_values, advantages, returns, tokens):
+    """The updater's micro-step on rows `idx` of `r` carrying these rollout tensors."""
+    r.old_logprobs, r.values, r.advantages, r.returns = old_logprobs, old_values, advantages, returns
+    return trainer.updater._micro_step(r, idx, trainer.algorithm, trainer._policy_forward, tokens, len(idx))
+
+
 @pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
 def test_micro_step_gradients_equal_plain_loss(tmp_path, model):
     """The trainer's micro-step (trimmed forward, logits only for the response, entropy as a
@@ -102,7 +108,7 @@ def test_micro_step_gradients_equal_plain_loss(tmp_path, model):
         trainer.optimizer.zero_grad(set_to_none=True)
         mask = r.response_mask[idx]
         # the summed loss over twice this micro-batch's tokens: half the gradient of its mean
-        stats, n = trainer._micro_step(r, idx, old_logprobs, old_values, advantages, returns, 2 * mask.sum())
+        stats, n = micro_step(trainer, r, idx, old_logprobs, old_values, advantages, returns, 2 * mask.sum())
         assert n == mask.sum()
         fast = [p.grad.clone() for p in params]
 
@@ -131,7 +137,7 @@ def test_micro_step_with_entropy_bonus_keeps_its_gradient(tmp_path):
         zeros = torch.zeros_like(old_logprobs)
         trainer.model.train()
         rows = torch.tensor([0, 1, 2])
-        trainer._micro_step(r, rows, old_logprobs, old_values, zeros, zeros, r.response_mask[rows].sum())
+        micro_step(trainer, r, rows, old_logprobs, old_values, zeros, zeros, r.response_mask[rows].sum())
         grads.append(trainer.unwrapped.policy.transformer.wte.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
 

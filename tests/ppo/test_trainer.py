@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rlhf_cli.config.loader import build_stage
+from rlhf_cli.lm.logprobs import logprobs_from_logits
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.ppo.logprobs import logprobs_from_logits
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.training.accel import make_accelerator
 
@@ -135,8 +135,9 @@ def test_any_rollout_size_updates_every_row(tmp_path, monkeypatch):
     every epoch, and 1 row with 2 mini-batches works."""
     trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", num_ppo_epochs=2)
     seen = []
-    micro_step = trainer._micro_step
-    monkeypatch.setattr(trainer, "_micro_step", lambda r, idx, *a: (seen.append(idx.tolist()), micro_step(r, idx, *a))[1])
+    micro_step = trainer.updater._micro_step
+    monkeypatch.setattr(trainer.updater, "_micro_step",
+                        lambda r, idx, *a: (seen.append(idx.tolist()), micro_step(r, idx, *a))[1])
     prompts = PROMPTS + PROMPTS[:3]
     stats = trainer.step(trainer.generate(prompts), torch.linspace(-1, 1, 7))
     assert all(len(rows) <= 2 for rows in seen)

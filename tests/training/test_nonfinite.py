@@ -162,9 +162,9 @@ def test_ppo_nonfinite_rollout_stops_or_skips(monkeypatch, capsys, tmp_path, fau
 def test_ppo_nonfinite_gradient_stops_or_skips_the_optimizer_step(monkeypatch, capsys, tmp_path, skip):
     """A NaN gradient is never applied: the run stops (exit 2) or that optimizer step is skipped and
     counted; the final weights are finite either way."""
-    from rlhf_cli.ppo.trainer import PPOTrainer
+    from rlhf_cli.online.updater import Updater
 
-    original, calls = PPOTrainer._micro_step, {"n": 0}
+    original, calls = Updater._micro_step, {"n": 0}
 
     def nan_gradient(self, *args, **kwargs):
         stats = original(self, *args, **kwargs)
@@ -173,7 +173,7 @@ def test_ppo_nonfinite_gradient_stops_or_skips_the_optimizer_step(monkeypatch, c
             next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(PPOTrainer, "_micro_step", nan_gradient)
+    monkeypatch.setattr(Updater, "_micro_step", nan_gradient)
     config = ppo_config(tmp_path, **({"skip_nonfinite_batches": True} if skip else {}))
     code, stderr = run_in_process(monkeypatch, capsys, "ppo", str(config))
     out = tmp_path / "out"

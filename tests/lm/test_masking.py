@@ -3,7 +3,7 @@
 import torch
 from torch.testing import assert_close
 
-from rlhf_cli.ppo.masking import (
+from rlhf_cli.lm.masking import (
     first_true_index,
     lengths_to_mask,
     masked_mean,

@@ -129,7 +129,8 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     log-normaliser of the last position's logits (B,) and, one step later, when the sampled token
     comes back as the next input, that token's scaled logit. Memory: one (B, V) row of logits at a
     time, never (B, T, V). Returns (responses (B, T), logprobs (B, T) float32, values (B, T)
-    float32), or logprobs/values None when the steps seen do not match the tokens returned.
+    float32; None without a value head), or logprobs/values None when the steps seen do not match
+    the tokens returned.
     """
     inner = innermost_model(model)
     body = inner.base_model
@@ -153,9 +154,10 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
         lse.append(torch.logsumexp(scaled, dim=-1))
         last["scaled"] = scaled
 
-    handles = [body.register_forward_hook(on_body, with_kwargs=True),
-               inner.register_forward_pre_hook(before_lm, with_kwargs=True),
+    handles = [inner.register_forward_pre_hook(before_lm, with_kwargs=True),
                inner.register_forward_hook(after_lm, with_kwargs=True)]
+    if value_head is not None:
+        handles.append(body.register_forward_hook(on_body, with_kwargs=True))
     try:
         responses = sample_responses(model, query_ids, query_mask)
     finally:
@@ -164,7 +166,7 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     T = responses.shape[1]
     if "scaled" in last:
         picked.append(last.pop("scaled").gather(-1, responses[:, -1:]).squeeze(-1))
-    if "broken" in last or not (len(lse) == len(picked) == len(values) == T):
+    if "broken" in last or not (len(lse) == len(picked) == T and len(values) == (T if value_head is not None else 0)):
         log.debug("generation steps (%d) do not match the %d tokens returned; log-probs by a forward", len(lse), T)
         return responses, None, None
-    return responses, torch.stack(picked, 1) - torch.stack(lse, 1), torch.stack(values, 1)
+    return responses, torch.stack(picked, 1) - torch.stack(lse, 1), torch.stack(values, 1) if values else None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_cli.ppo.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.lm.logprobs import entropy_from_logits, logprobs_from_logits
 
 LN3 = math.log(3.0)
 # B=2, T=3, V=2: every position has logits [0, ln 3]

@@ -1,0 +1,309 @@
+"""One online-RL iteration on whole rollout batches: sample -> evaluate -> advantages -> update,
+for any Algorithm (online/algorithm.py). Also the Python API for users who drive the loop:
+
+    trainer = PPOTrainer(config, policy_with_value, tokenizer, accelerator)   # or OnlineTrainer(...)
+    exp = trainer.generate(prompts)                     # or trainer.rollout_from(queries, responses)
+    scores = my_reward(exp.prompts, exp.responses)      # any function, model or human
+    stats = trainer.step(exp, scores)                   # one update; returns the statistics
+
+Shapes: B rollout rows on this process, P query tokens (left-padded), T response tokens
+(right-padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from rlhf_cli.lm.forward import model_inputs, response_slice, supports_logits_to_keep, trim_padding
+from rlhf_cli.lm.generation import encode_prompts, install_sampling_config, left_pad, stop_token_id
+from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.masking import lengths_to_mask, trailing_pad_lengths, truncate_after_stop
+from rlhf_cli.lm.sampler import HFSampler
+from rlhf_cli.models.policy import reference_mode
+from rlhf_cli.models.value_head import PolicyWithValue
+from rlhf_cli.online.algorithm import Algorithm
+from rlhf_cli.online.experience import Experience
+from rlhf_cli.online.updater import NonFiniteBatch, Updater
+from rlhf_cli.training.optim import make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def rollout_rows(training, algorithm: Algorithm) -> int:
+    """Rows (responses) per process per iteration: one optimizer step takes per_device_train_batch_size
+    x gradient_accumulation_steps of them, and each pass over the rollout makes num_mini_batches steps."""
+    return training.per_device_train_batch_size * training.gradient_accumulation_steps * algorithm.num_mini_batches
+
+
+class OnlineTrainer:
+    def __init__(self, config, algorithm: Algorithm, total_episodes: int, model: PolicyWithValue, tokenizer,
+                 accelerator, reference=None, rollout_forward_batch_size: int = 64, num_generations: int = 1):
+        self.config, self.algorithm, self.tokenizer, self.accelerator = config, algorithm, tokenizer, accelerator
+        self.temperature = config.generation.temperature
+        self.forward_batch_size, self.num_generations = rollout_forward_batch_size, num_generations
+        self.batch_size = rollout_rows(config.training, algorithm)
+        self.num_iterations = max(1, total_episodes // (self.batch_size * accelerator.num_processes))
+        updates = self.num_iterations * algorithm.num_epochs * algorithm.num_mini_batches
+        optimizer = make_optimizer(model.parameters(), config.training)
+        self.scheduler = make_scheduler(optimizer, config.training, updates)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.reference = reference.to(accelerator.device).eval() if reference is not None else None
+        self.updater = Updater(self.model, self.optimizer, self.scheduler, accelerator, config.training, self.temperature)
+        self.stop_id = stop_token_id(config.generation, tokenizer)
+        unwrapped = self.unwrapped
+        self.encoder_decoder = unwrapped.is_encoder_decoder
+        # causal LMs compute the LM head only where response tokens are predicted (not over the query)
+        self.policy_keeps_logits = (not self.encoder_decoder and unwrapped.critic is None
+                                    and supports_logits_to_keep(unwrapped.policy))
+        self.reference_keeps_logits = not self.encoder_decoder and supports_logits_to_keep(
+            self.reference if self.reference is not None else unwrapped.policy)
+        install_sampling_config(unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
+        self.sampler = HFSampler(unwrapped, self.temperature, accelerator)
+        self.episode = 0
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        return self.updater.nonfinite_skips
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self.updater.nonfinite_skips = value
+
+    @property
+    def fp16_overflow_skips(self) -> int:
+        return self.updater.fp16_overflow_skips
+
+    # ------------------------------------------------------------------ rollout
+
+    def encode(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.config.data
+        ids, _ = encode_prompts(prompts, self.tokenizer, d.max_prompt_length, d.long_prompts)
+        q, m = left_pad(ids, self.tokenizer.pad_token_id)
+        return q.to(self.accelerator.device), m.to(self.accelerator.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list | None = None, query_ids=None, query_mask=None) -> Experience:
+        """Sample `num_generations` responses per query (text prompts, or already-encoded left-padded
+        ids); a query's responses are consecutive rows, with its index in `group_ids`."""
+        if query_ids is None:
+            query_ids, query_mask = self.encode(prompts)
+        group_ids = torch.arange(len(query_ids), device=query_ids.device)
+        if self.num_generations > 1:
+            query_ids, query_mask, group_ids = (x.repeat_interleave(self.num_generations, 0)
+                                                for x in (query_ids, query_mask, group_ids))
+        self.model.eval()
+        responses, logprobs, values = self.sampler.sample(query_ids, query_mask, self.forward_batch_size,
+                                                          self.tokenizer.pad_token_id)
+        exp = self.rollout_from(query_ids, query_mask, responses, logprobs, values)
+        exp.group_ids = group_ids
+        return exp
+
+    def rollout_from(self, query_ids, query_mask, response_ids, logprobs=None, values=None,
+                     response_lengths: torch.Tensor | None = None) -> Experience:
+        """An experience from encoded queries (B, P) left-padded and responses (B, T) right-padded:
+        responses are cut after the stop token, and right padding is masked -- the first
+        `response_lengths` tokens of each row are the response when given; else, when the pad token
+        is not the stop token, everything before a row's trailing pad tokens."""
+        pad = self.tokenizer.pad_token_id
+        if response_lengths is None and pad != self.stop_id:
+            response_lengths = trailing_pad_lengths(response_ids, pad)
+        response_ids, lengths, stopped = truncate_after_stop(response_ids, self.stop_id, pad, response_lengths)
+        if not bool((lengths > 0).all()):
+            empty = int((lengths == 0).nonzero()[0])
+            raise ValueError(f"response row {empty} is empty (only padding); every response needs a token to score")
+        mask = lengths_to_mask(lengths, response_ids.shape[1])
+        decode = self.tokenizer.batch_decode
+        return Experience(
+            query_ids, query_mask, response_ids, mask, stopped,
+            prompts=decode(query_ids, skip_special_tokens=True),
+            responses=decode(response_ids.masked_fill(~mask, pad), skip_special_tokens=True),
+            logprobs=logprobs, values=values,
+        )
+
+    def rollout_from_lists(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> Experience:
+        """An experience from token lists as TRL's `step` took them: 1-D query and response tensors
+        of any lengths (no padding, responses as sampled; they are still cut after the stop token)."""
+        if len(queries) != len(responses) or not queries:
+            raise ValueError(f"got {len(queries)} queries and {len(responses)} responses; give the same number, >= 1")
+        device = self.accelerator.device
+        query_ids, query_mask = left_pad([q.tolist() for q in queries], self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(x) for x in responses])
+        response_ids = torch.nn.utils.rnn.pad_sequence([x.long().cpu() for x in responses], batch_first=True,
+                                                       padding_value=self.tokenizer.pad_token_id)
+        return self.rollout_from(query_ids.to(device), query_mask.to(device), response_ids.to(device),
+                                 response_lengths=lengths.to(device))
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _inputs(self, r: Experience, idx, keep_logits: bool) -> tuple[dict, int, int]:
+        """Model inputs for rows `idx`, trimmed to the padding those rows need; (inputs, P', T')."""
+        q, qm, resp, rm = trim_padding(r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], r.response_mask[idx])
+        inputs = model_inputs(self.unwrapped.policy.config, q, qm, resp, rm)
+        if keep_logits:  # logits at positions P'-1 .. P'+T'-1 only: the last T'+1 (the very last is unused)
+            inputs["logits_to_keep"] = resp.shape[1] + 1
+        return inputs, q.shape[1], resp.shape[1]
+
+    def _response_logits(self, logits: torch.Tensor, P: int, T: int, kept: bool) -> torch.Tensor:
+        return logits[:, :T] if kept else response_slice(logits, P, T, self.encoder_decoder)
+
+    def _policy_forward(self, r: Experience, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Response logits (b, T', V) and values (b, T') (None without a critic) in ONE forward of the
+        policy with its value head, over rows `idx` trimmed to their longest query and response (T' <= T)."""
+        inputs, P, T = self._inputs(r, idx, self.policy_keeps_logits)
+        logits, values = self.model(**inputs)
+        values = None if values is None else response_slice(values, P, T, self.encoder_decoder)
+        return self._response_logits(logits, P, T, self.policy_keeps_logits), values
+
+    def policy_forward(self, r: Experience, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Response logits (b, T, V) and values (b, T): the update's forward, padded back to the
+        rollout's response width T (positions past the rows' responses hold zeros)."""
+        logits, values = self._policy_forward(r, idx)
+        pad = r.response_ids.shape[1] - logits.shape[1]
+        values = None if values is None else torch.nn.functional.pad(values, (0, pad))
+        return torch.nn.functional.pad(logits, (0, 0, 0, pad)), values
+
+    def reference_logits(self, r: Experience, idx) -> torch.Tensor:
+        """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
+        policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
+        inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
+        if self.reference is not None:
+            logits = self.reference(**inputs, use_cache=False).logits
+        else:
+            policy = self.unwrapped.policy
+            with reference_mode(policy):
+                logits = policy(**inputs, use_cache=False).logits
+        return self._response_logits(logits, P, T, self.reference_keeps_logits)
+
+    @torch.no_grad()
+    def evaluate(self, r: Experience) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Old log-probs, values and reference log-probs (each (B, T); values None without a critic,
+        reference log-probs None when the algorithm uses no reference), in micro-batches, no grad.
+        Old log-probs and values that generation recorded are used as they are."""
+        self.model.eval()
+        width = r.response_ids.shape[1]
+        critic = self.algorithm.uses_critic
+
+        def full_width(x: torch.Tensor) -> torch.Tensor:  # (b, T') -> (b, T): zeros past every row's end
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+        def passes(rows: int):
+            return (slice(start, start + rows) for start in range(0, len(r.query_ids), rows))
+
+        ref_logprobs = None
+        if self.algorithm.uses_reference:
+            ref_logprobs = []
+            for idx in passes(self.forward_batch_size):
+                with self.accelerator.autocast():  # the policy's forward runs under it too (prepared model)
+                    ref = self.reference_logits(r, idx)
+                tokens = r.response_ids[idx, : ref.shape[1]]
+                ref_logprobs.append(full_width(logprobs_from_logits(ref, tokens, self.temperature)))
+            ref_logprobs = torch.cat(ref_logprobs)
+        if r.logprobs is not None and (r.values is not None or not critic):
+            return r.logprobs, r.values, ref_logprobs
+
+        logprobs, values = [], []
+        for idx in passes(self.forward_batch_size):
+            logits, v = self._policy_forward(r, idx)
+            tokens = r.response_ids[idx, : logits.shape[1]]
+            logprobs.append(full_width(logprobs_from_logits(logits, tokens, self.temperature)))
+            if critic:
+                values.append(full_width(v.float()))
+            del logits
+        return torch.cat(logprobs), (torch.cat(values) if critic else None), ref_logprobs
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, rollout: Experience | list[torch.Tensor], *args) -> dict[str, float]:
+        """One update; returns the iteration's statistics. Either
+
+            step(experience, scores)            an Experience from `generate` / `rollout_from`, scores (B,)
+            step(queries, responses, scores)    TRL's form: lists of 1-D token tensors, scores a list
+                                                of floats or 0-d tensors, or a (B,) tensor
+
+        Any number of rows B >= 1 works (the mini-batches are sized from the rollout)."""
+        if len(args) == 2:
+            rollout, scores = self.rollout_from_lists(rollout, args[0]), args[1]
+        elif len(args) == 1:
+            (scores,) = args
+        else:
+            raise TypeError("step(rollout, scores) or step(queries, responses, scores)")
+        if not torch.is_tensor(scores):
+            scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores])
+        if scores.shape != (len(rollout.query_ids),):
+            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected ({len(rollout.query_ids)},), one per row")
+        return self._step(rollout, scores)
+
+    def _step(self, exp: Experience, scores: torch.Tensor) -> dict[str, float]:
+        started = time.perf_counter()
+        mask = exp.loss_mask
+
+        # 1. Old log-probs, values, reference log-probs
+        exp.old_logprobs, values, exp.ref_logprobs = self.evaluate(exp)
+        exp.values = None if values is None else values.masked_fill(~mask, 0.0)
+
+        # 2. Scores -> advantages (and returns), by the algorithm
+        exp.scores = scores.to(self.accelerator.device).float()
+        stats = self.algorithm.prepare(exp, self)
+        self._require_finite(mask, scores=exp.scores, values=exp.values, logprobs=exp.old_logprobs,
+                             reference_logprobs=exp.ref_logprobs, advantages=exp.advantages)
+
+        # 3. The update: epochs x mini-batches of micro-batches (online/updater.py)
+        update_stats = self.updater.update(exp, self.algorithm, self._policy_forward)
+
+        # 4. After the update (adaptive KL), statistics
+        self.algorithm.finish(exp, self, stats)
+        self.episode += self.episodes(exp)
+        stats.update({
+            "lr": self.scheduler.get_last_lr()[0],
+            "episode": self.episode,
+            "time/update_s": time.perf_counter() - started,
+            **update_stats,
+        })
+        return stats
+
+    def _require_finite(self, mask: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+        """Raise NonFiniteBatch naming what holds NaN/inf (at valid tokens) on any process; one all-reduce."""
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+        flags = torch.stack([
+            (~torch.isfinite(t.float()) & (mask if t.dim() == 2 else True)).any().float() for t in tensors.values()
+        ]).to(self.accelerator.device)  # (len(tensors),)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        bad = [name.replace("_", " ") for name, flag in zip(tensors, flags.tolist(), strict=True) if flag > 0]
+        if bad:
+            hint = " (check the reward model or function)" if bad[0] == "scores" else ""
+            raise NonFiniteBatch(f"NaN/inf in the rollout's {', '.join(bad)}{hint}")
+
+    # helpers the algorithms use (their `ctx`)
+
+    def mean(self, x: torch.Tensor) -> float:
+        """Mean over this process's rows, averaged over processes."""
+        return self.accelerator.reduce(x.float().mean(), "mean").item()
+
+    def total(self, x: torch.Tensor) -> float:
+        return float(self.accelerator.reduce(x.float().sum(), "sum").item())
+
+    def episodes(self, exp: Experience) -> int:
+        return len(exp) * self.accelerator.num_processes
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict:
+        return {"episode": self.episode, **self.algorithm.state_dict(), "nonfinite_skips": self.nonfinite_skips,
+                "fp16_overflow_skips": self.fp16_overflow_skips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episode = state["episode"]
+        self.algorithm.load_state_dict(state)
+        self.updater.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.updater.fp16_overflow_skips = state.get("fp16_overflow_skips", 0)
+
+
+__all__ = ["NonFiniteBatch", "OnlineTrainer", "rollout_rows"]
