@@ -22,7 +22,6 @@ Prints a table, then ONE JSON line with the ratios.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import subprocess
 
@@ -40,19 +39,14 @@ from common import (
     run_side,
     spread,
 )
+from gold import POLICY, gold_score, prepare_policy
 
-POLICY = WORK / "policy-small-gpt2"
 REWARD_MODEL = WORK / "reward-tiny-gpt2"
 
 
 def prepare_models() -> None:
     """The policy folder (so both sides load the same weights) and the reward model, once."""
-    from rlhf_cli.builtin.models import build_builtin
-
-    if not (POLICY / "config.json").exists():
-        model, tokenizer = build_builtin("builtin:small-gpt2", "causal-lm", seed=0)
-        model.save_pretrained(POLICY)
-        tokenizer.save_pretrained(POLICY)
+    prepare_policy()
     if not (REWARD_MODEL / "config.json").exists():
         print("training the benchmark reward model (rlhf reward, builtin:tiny-gpt2, 150 steps) ...", flush=True)
         subprocess.run([OURS_PY, "-m", "rlhf_cli", "reward", "configs/quickstart-reward.yaml", "--overwrite",
@@ -60,49 +54,6 @@ def prepare_models() -> None:
                         "--set", "training.max_steps=150", "--set", "training.learning_rate=1e-3",
                         "--set", "training.eval_steps=150", "--set", "training.save_steps=1000"],
                        check=True, stdout=subprocess.DEVNULL, cwd=WORK.parent.parent)
-
-
-@functools.cache
-def held_out_prompt_ids(max_prompt_length: int, response_length: int, temperature: float) -> tuple:
-    """(tokenizer, generation config, encoded held-out prompts): made once per process."""
-    from rlhf_cli.config.loader import build_stage
-    from rlhf_cli.data.loading import load_splits
-    from rlhf_cli.models.loading import load_tokenizer
-    from rlhf_cli.stages.ppo import prepare_prompts
-
-    tokenizer = load_tokenizer(str(POLICY), padding_side="left")
-    config = build_stage("ppo", {
-        "reward": {"function": "builtin:sentiment"},
-        "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": max_prompt_length},
-        "generation": {"response_length": response_length, "temperature": temperature, "top_k": 0, "top_p": 1.0}})
-    ids, _ = prepare_prompts(load_splits(config.data)[1], tokenizer, config, "test")
-    return tokenizer, config, ids
-
-
-@torch.no_grad()
-def gold_score(model_dir: str, spec: dict, n: int, seed: int = 1234) -> float:
-    """Mean builtin:sentiment of prompt + response on the first n held-out prompts (same for both sides)."""
-    from rlhf_cli.builtin.sentiment import sentiment_scores
-    from rlhf_cli.lm.generation import install_sampling_config, left_pad, sample_responses
-    from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop
-    from rlhf_cli.models.loading import load_model
-
-    tokenizer, config, ids = held_out_prompt_ids(spec["max_prompt_length"], spec["response_length"],
-                                                 spec["temperature"])
-    ids = ids[:n]
-    model = load_model(model_dir, task="causal-lm").eval()
-    install_sampling_config(model, config.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    texts = []
-    for start in range(0, len(ids), 64):
-        q, m = left_pad(ids[start : start + 64], tokenizer.pad_token_id)
-        resp, lengths, _ = truncate_after_stop(sample_responses(model, q, m), tokenizer.eos_token_id,
-                                               tokenizer.pad_token_id)
-        resp = resp.masked_fill(~lengths_to_mask(lengths, resp.shape[1]), tokenizer.pad_token_id)
-        prompts = tokenizer.batch_decode(q, skip_special_tokens=True)
-        responses = tokenizer.batch_decode(resp, skip_special_tokens=True)
-        texts += [p + r for p, r in zip(prompts, responses, strict=True)]
-    return statistics.fmean(sentiment_scores(texts))
 
 
 def main() -> None:

@@ -56,6 +56,13 @@ class Clock:
     def cpu_times(self) -> list[float]:
         return [b - a for a, b in zip(self.cpu, self.cpu[1:], strict=False)]
 
+    def every(self, k: int) -> "Clock":
+        """A clock keeping every k-th tick (the k-th, 2k-th, ...): with k optimizer steps per rollout
+        batch, its gaps are whole iterations (sampling, scoring and k steps)."""
+        thinned = Clock()
+        thinned.stamps, thinned.cpu = self.stamps[k - 1 :: k], self.cpu[k - 1 :: k]
+        return thinned
+
 
 def clock_optimizer_steps(clock: Clock) -> None:
     """Tick `clock` at the end of every torch.optim.AdamW step (both sides' trainers use AdamW): the
