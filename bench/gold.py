@@ -24,11 +24,9 @@ def prepare_policy() -> None:
 
 
 def prepare_prompts(dataset, tokenizer, config, split: str):
-    """rlhf_cli's prompt encoding (stages/online.py; stages/ppo.py before the online engine)."""
-    try:
-        from rlhf_cli.stages.online import prepare_prompts as prepare
-    except ImportError:
-        from rlhf_cli.stages.ppo import prepare_prompts as prepare
+    """rlhf_cli's prompt encoding (stages/online.py)."""
+    from rlhf_cli.stages.online import prepare_prompts as prepare
+
     return prepare(dataset, tokenizer, config, split)
 
 

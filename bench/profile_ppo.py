@@ -36,7 +36,7 @@ def main() -> None:
     from rlhf_cli.models.policy import load_policy
     from rlhf_cli.ppo.trainer import PPOTrainer
     from rlhf_cli.rewards.combined import CombinedReward
-    from rlhf_cli.stages.ppo import prepare_prompts
+    from rlhf_cli.stages.online import prepare_prompts
     from rlhf_cli.training.accel import make_accelerator
 
     reward = {"model": str(REWARD_MODEL)} if a.reward == "model" else {"function": "builtin:sentiment"}

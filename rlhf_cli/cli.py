@@ -1,4 +1,4 @@
-"""The `rlhf` command: sft | reward | ppo | dpo | eval | validate | run (a recipe of several stages).
+"""The `rlhf` command: sft | reward | ppo | dpo | grpo | rloo | eval | validate | run (a recipe of several stages).
 
 Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 an internal error.
 """
@@ -49,6 +49,8 @@ STAGE_HELP = {
     "reward": "Train a pairwise (Bradley-Terry) reward model from preference pairs.",
     "ppo": "PPO against a reward: a reward model, a classifier or any Python function.",
     "dpo": "Direct preference optimisation of a causal LM (or a LoRA adapter) on preference pairs.",
+    "grpo": "GRPO against a reward: group-normalised advantages over several responses per prompt, no critic.",
+    "rloo": "RLOO against a reward: a leave-one-out baseline over several responses per prompt, no critic.",
     "eval": "Score, compare and plot models and checkpoints.",
 }
 

@@ -27,11 +27,7 @@ from rlhf_cli.lm.forward import causal_inputs  # noqa: E402
 from rlhf_cli.lm.generation import install_sampling_config, left_pad, sample_responses  # noqa: E402
 from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop  # noqa: E402
 from rlhf_cli.models.loading import load_model, load_tokenizer  # noqa: E402
-
-try:  # the online engine moved prompt encoding to stages/online.py
-    from rlhf_cli.stages.online import prepare_prompts
-except ImportError:
-    from rlhf_cli.stages.ppo import prepare_prompts
+from rlhf_cli.stages.online import prepare_prompts  # noqa: E402
 
 s = spec
 torch.manual_seed(s["seed"])

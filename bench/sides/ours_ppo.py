@@ -9,7 +9,7 @@ import sidekit
 spec, result_path = sidekit.start()
 
 from rlhf_cli.config.loader import build_stage  # noqa: E402
-from rlhf_cli.ppo import trainer as trainer_module  # noqa: E402
+from rlhf_cli.online.trainer import OnlineTrainer  # noqa: E402
 from rlhf_cli.stages import ppo as ppo_stage  # noqa: E402
 
 s = spec
@@ -32,7 +32,7 @@ config = build_stage("ppo", {
 })
 
 clock = sidekit.Clock()
-original_step = trainer_module.PPOTrainer.step
+original_step = OnlineTrainer.step
 
 
 def timed_step(self, rollout, scores):
@@ -41,7 +41,7 @@ def timed_step(self, rollout, scores):
     return stats
 
 
-trainer_module.PPOTrainer.step = timed_step
+OnlineTrainer.step = timed_step
 ppo_stage.run(config, overwrite=True)
 
 rows = [json.loads(line) for line in (Path(s["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

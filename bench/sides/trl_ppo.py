@@ -20,7 +20,7 @@ from rlhf_cli.builtin.sentiment import sentiment_scores  # noqa: E402
 from rlhf_cli.config.loader import build_stage  # noqa: E402
 from rlhf_cli.data.loading import load_splits  # noqa: E402
 from rlhf_cli.models.loading import load_tokenizer  # noqa: E402
-from rlhf_cli.stages.ppo import prepare_prompts  # noqa: E402
+from rlhf_cli.stages.online import prepare_prompts  # noqa: E402
 
 s = spec
 tokenizer = load_tokenizer(s["policy"], padding_side="left")

@@ -22,7 +22,7 @@ def check_trainable_dtype(stage: str, config: Any) -> None:
     of 1e-6, 98% of the weights of a bf16 model are unchanged after 10 steps). LoRA is fine: peft keeps
     adapter weights in float32 over a frozen half-precision base. (`model.dtype: auto` on a folder
     saved in half precision is upcast where the model is loaded for training: models/loading.py.)"""
-    if stage not in ("sft", "reward", "ppo", "dpo") or config.model.dtype not in HALF_DTYPES:
+    if stage not in ("sft", "reward", "ppo", "dpo", "grpo", "rloo") or config.model.dtype not in HALF_DTYPES:
         return
     dtype = config.model.dtype
     name = config.model.model_name_or_path
@@ -119,7 +119,7 @@ def check_stage(stage: str, config: Any) -> None:
     check_trainable_dtype(stage, config)
     if hasattr(config, "generation"):
         check_generation(config.generation)
-    if stage in ("ppo", "eval"):
+    if stage in ("ppo", "grpo", "rloo", "eval"):
         check_reward(config.reward)
     if stage == "eval":
         check_eval(config)
@@ -136,3 +136,26 @@ def check_stage(stage: str, config: Any) -> None:
                 f"ppo.total_episodes ({ppo.total_episodes}) is smaller than one rollout batch "
                 f"(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {rollout})."
             )
+    if stage in ("grpo", "rloo"):
+        check_groups(stage, getattr(config, stage), config.training)
+
+
+def check_groups(stage: str, options: Any, training: TrainingConfig) -> None:
+    """A rollout batch of whole groups, and whole optimizer steps per pass over it."""
+    steps = options.steps_per_generation or training.gradient_accumulation_steps
+    if steps % training.gradient_accumulation_steps:
+        raise UserError(
+            f"{stage}.steps_per_generation ({steps}) is not a multiple of training.gradient_accumulation_steps "
+            f"({training.gradient_accumulation_steps}); each optimizer step takes gradient_accumulation_steps of them."
+        )
+    rollout = training.per_device_train_batch_size * steps
+    if rollout % options.num_generations:
+        raise UserError(
+            f"{stage}.num_generations ({options.num_generations}) does not divide the rollout batch "
+            f"(per_device_train_batch_size x steps_per_generation = {rollout} responses per process); "
+            "every prompt's group must be whole."
+        )
+    if options.total_episodes < rollout:
+        raise UserError(
+            f"{stage}.total_episodes ({options.total_episodes}) is smaller than one rollout batch ({rollout})."
+        )

@@ -135,6 +135,75 @@ class PPOOptions:
 
 
 @dataclass
+class GroupOptions:
+    """What GRPO and RLOO share: groups of responses per prompt, TRL's key names where TRL has them."""
+
+    total_episodes: int = option(1024, "Responses generated and trained on in the whole run.", min=1)
+    num_generations: int = option(
+        8, "Responses sampled per prompt (the group its advantages are measured within); at least 2.", min=2
+    )
+    steps_per_generation: int | None = option(
+        None,
+        "Micro-batches of per_device_train_batch_size responses in one rollout batch (null: "
+        "gradient_accumulation_steps). Each pass over it makes steps_per_generation / "
+        "gradient_accumulation_steps optimizer steps.",
+        min=1,
+    )
+    num_iterations: int = option(1, "Passes over each rollout batch (mu in the GRPO paper).", min=1)
+    beta: float = option(
+        0.0, "Weight of the KL to the reference; 0 loads no reference model at all.", min=0.0
+    )
+    epsilon: float = option(0.2, "Clip range of the importance ratio (lower side, and upper without epsilon_high).",
+                            greater_than=0.0)
+    epsilon_high: float | None = option(
+        None, "Upper clip range of the ratio (DAPO's clip-higher); null: epsilon.", greater_than=0.0
+    )
+    mask_truncated_completions: bool = option(
+        False, "Leave responses that never produced the stop token out of the loss (they still count in the group)."
+    )
+    local_rollout_forward_batch_size: int = option(
+        64, "Rows per generation call and per no-grad forward pass (log-probs, reference).", min=1
+    )
+    sample_steps: int = option(10, "Write a few (prompt, response, reward) rows every this many iterations.", min=1)
+    num_sample_rows: int = option(4, "Rows written each time samples are logged.", min=0)
+
+
+@dataclass
+class GRPOOptions(GroupOptions):
+    loss_type: str = option(
+        "dapo",
+        "How per-token losses are averaged (docs/grpo.md): `grpo` (per response, then over responses), "
+        "`dr_grpo` (sum / (responses x response_length)), `dapo` (over all tokens of the mini-batch, every "
+        "process), `bnpo` (over this process's tokens of the mini-batch).",
+        choices=("grpo", "dr_grpo", "dapo", "bnpo"),
+    )
+    scale_rewards: str = option(
+        "group",
+        "Divide advantages by the reward std of the `group`, of the whole `batch`, or `none` (Dr. GRPO).",
+        choices=("group", "batch", "none"),
+    )
+    kl_estimator: str = option(
+        "k3", "Per-token KL estimator in the loss: k3 (always >= 0, TRL's) or k1.", choices=("k1", "k3")
+    )
+
+
+@dataclass
+class RLOOOptions(GroupOptions):
+    num_generations: int = option(
+        2, "Responses sampled per prompt (each one's baseline is the mean reward of the others); at least 2.", min=2
+    )
+    beta: float = option(
+        0.05, "Weight of the KL to the reference; 0 loads no reference model at all.", min=0.0
+    )
+    kl_in_reward: bool = option(
+        True,
+        "Subtract beta x the response's summed KL (k1) from its reward, as RLOO and TRL do; false: a k3 KL "
+        "term in the loss, as GRPO.",
+    )
+    normalize_advantages: bool = option(False, "Whiten the advantages over the rollout batch.")
+
+
+@dataclass
 class DPOOptions:
     beta: float = option(
         0.1, "Strength of the implicit KL to the reference: higher stays closer to it (TRL's beta).", greater_than=0.0
@@ -231,6 +300,28 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    model: ModelConfig = section(ModelConfig, "The policy (and the frozen reference made from it when grpo.beta > 0).")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy.")
+    data: PromptDataConfig = section(PromptDataConfig, "The prompts (other columns reach reward functions).")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    grpo: GRPOOptions = section(GRPOOptions, "Groups, the clipped loss and the KL term.")
+
+
+@dataclass
+class RLOOConfig:
+    model: ModelConfig = section(ModelConfig, "The policy (and the frozen reference made from it when rloo.beta > 0).")
+    peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy.")
+    data: PromptDataConfig = section(PromptDataConfig, "The prompts (other columns reach reward functions).")
+    training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
+    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    rloo: RLOOOptions = section(RLOOOptions, "Groups, the leave-one-out baseline and the KL.")
+
+
+@dataclass
 class DPOConfig:
     model: ModelConfig = section(
         ModelConfig, "The policy (any causal LM, full weights or a LoRA adapter folder) and its frozen reference."
@@ -256,5 +347,7 @@ STAGES: dict[str, type] = {
     "reward": RewardModelConfig,
     "ppo": PPOConfig,
     "dpo": DPOConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
     "eval": EvalConfig,
 }

@@ -29,7 +29,8 @@ class MicroBatch:
 
     `tokens`: the valid-token count of the whole mini-batch over all processes, divided by the
     number of processes (DDP averages gradients, so dividing each process's summed loss by it gives
-    the gradient of the mean over every token); `rows`: the mini-batch's rows on this process."""
+    the gradient of the mean over every token); `local_tokens`: the mini-batch's valid tokens on this
+    process alone; `rows`: the mini-batch's rows on this process."""
 
     idx: Tensor  # (b,) rows of the experience
     cols: slice  # the first T' response columns: the rest is padding in every one of these rows
@@ -38,6 +39,7 @@ class MicroBatch:
     values: Tensor | None  # (b, T') with grad (algorithms with a critic)
     mask: Tensor  # (b, T') bool: the loss mask
     tokens: Tensor  # () see above
+    local_tokens: Tensor  # () the mini-batch's valid tokens on this process
     rows: int
     temperature: float
 

@@ -89,15 +89,17 @@ class OnlineTrainer:
         return q.to(self.accelerator.device), m.to(self.accelerator.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list | None = None, query_ids=None, query_mask=None) -> Experience:
-        """Sample `num_generations` responses per query (text prompts, or already-encoded left-padded
-        ids); a query's responses are consecutive rows, with its index in `group_ids`."""
+    def generate(self, prompts: list | None = None, query_ids=None, query_mask=None,
+                 num_generations: int | None = None) -> Experience:
+        """Sample `num_generations` (default: the trainer's) responses per query (text prompts, or
+        already-encoded left-padded ids); a query's responses are consecutive rows, with its index
+        in `group_ids`."""
         if query_ids is None:
             query_ids, query_mask = self.encode(prompts)
         group_ids = torch.arange(len(query_ids), device=query_ids.device)
-        if self.num_generations > 1:
-            query_ids, query_mask, group_ids = (x.repeat_interleave(self.num_generations, 0)
-                                                for x in (query_ids, query_mask, group_ids))
+        n = num_generations or self.num_generations
+        if n > 1:
+            query_ids, query_mask, group_ids = (x.repeat_interleave(n, 0) for x in (query_ids, query_mask, group_ids))
         self.model.eval()
         responses, logprobs, values = self.sampler.sample(query_ids, query_mask, self.forward_batch_size,
                                                           self.tokenizer.pad_token_id)

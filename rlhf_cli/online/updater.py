@@ -51,12 +51,14 @@ class Updater:
                 micro_batches = torch.split(mini_idx, self.training.per_device_train_batch_size)
                 # DDP averages gradients over processes: dividing each process's sum by (all tokens /
                 # processes) makes the averaged gradient that of the mean over all tokens
-                all_tokens = accelerator.reduce(mask[mini_idx].sum().float(), "sum")
+                local_tokens = mask[mini_idx].sum().float()
+                all_tokens = accelerator.reduce(local_tokens.clone(), "sum")
                 loss_tokens = all_tokens.clamp_min(1) / accelerator.num_processes
                 for a, idx in enumerate(micro_batches):
                     sync = contextlib.nullcontext() if a == len(micro_batches) - 1 else accelerator.no_sync(self.model)
                     with sync, accelerator.autocast():
-                        stats, n = self._micro_step(exp, idx, algorithm, forward, loss_tokens, len(mini_idx))
+                        stats, n = self._micro_step(exp, idx, algorithm, forward, (loss_tokens, local_tokens),
+                                                    len(mini_idx))
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value * n
                     tokens = tokens + n
@@ -65,15 +67,18 @@ class Updater:
         means = accelerator.reduce(means, "mean")
         return dict(zip(sums, means.tolist(), strict=True))
 
-    def _micro_step(self, exp: Experience, idx, algorithm: Algorithm, forward: Forward, loss_tokens: torch.Tensor,
-                    rows: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _micro_step(self, exp: Experience, idx, algorithm: Algorithm, forward: Forward, tokens, rows: int
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward, loss and backward of one micro-batch; returns detached per-token-mean statistics
-        and the micro-batch's valid-token count."""
+        and the micro-batch's valid-token count. `tokens`: the mini-batch's (all processes' / processes,
+        this process's) valid-token counts, or one count for both."""
+        loss_tokens, local_tokens = tokens if isinstance(tokens, tuple) else (tokens, tokens)
         logits, values = forward(exp, idx)  # trimmed to T' columns: the rest is masked in every row
         cols = slice(0, logits.shape[1])
         logprobs = logprobs_from_logits(logits, exp.response_ids[idx, cols], self.temperature)
         mask = exp.loss_mask[idx, cols]
-        batch = MicroBatch(idx, cols, logits, logprobs, values, mask, loss_tokens, rows, self.temperature)
+        batch = MicroBatch(idx, cols, logits, logprobs, values, mask, loss_tokens, local_tokens, rows,
+                           self.temperature)
         loss, stats = algorithm.loss(exp, batch)
         self.accelerator.backward(loss)
         return stats, mask.sum().float()

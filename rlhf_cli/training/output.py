@@ -157,6 +157,10 @@ MEANINGLESS_ON_RESUME = {
     "training.per_device_train_batch_size": "the checkpoint's data position counts batches of the old size",
     "training.gradient_accumulation_steps": "the checkpoint's data position counts batches of the old size",
     "ppo.num_mini_batches": "the rollout batch (and the data position) is sized by it",
+    "grpo.num_generations": "the rollout batch (and the data position) is sized by it",
+    "grpo.steps_per_generation": "the rollout batch (and the data position) is sized by it",
+    "rloo.num_generations": "the rollout batch (and the data position) is sized by it",
+    "rloo.steps_per_generation": "the rollout batch (and the data position) is sized by it",
 }
 EVAL_ONLY_DATA = ("data.dataset_test_split", "data.max_eval_samples")
 # Changed keys whose new value a resumed run does not use: the checkpoint's state wins (said in the warning).

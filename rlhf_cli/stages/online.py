@@ -1,0 +1,221 @@
+"""The run of every online stage (`rlhf ppo`, `rlhf grpo`, `rlhf rloo`): rollout -> score ->
+advantages -> update, one iteration at a time, for the stage's Algorithm (online/algorithm.py)."""
+
+import json
+import logging
+import math
+import time
+
+import torch
+
+from rlhf_cli.data.loading import load_splits, require_columns
+from rlhf_cli.errors import UserError
+from rlhf_cli.lm.generation import encode_prompt_set, left_pad
+from rlhf_cli.models.adapters import save_final_model
+from rlhf_cli.models.loading import load_stage_tokenizer
+from rlhf_cli.models.policy import load_policy
+from rlhf_cli.online.algorithm import Algorithm
+from rlhf_cli.online.experience import Experience
+from rlhf_cli.online.trainer import OnlineTrainer
+from rlhf_cli.online.updater import NonFiniteBatch
+from rlhf_cli.rewards.combined import CombinedReward
+from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.training import signals
+from rlhf_cli.training.accel import replica_checksum
+from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_cli.training.loop import BatchOrder, nonfinite_message
+from rlhf_cli.training.metrics import truncate_jsonl
+from rlhf_cli.training.progress import StepProgress, print_samples
+
+log = logging.getLogger(__name__)
+
+def prepare_prompts(dataset, tokenizer, config, split: str) -> tuple[list[list[int]], dict[str, list]]:
+    """Token ids of every prompt (encoded once) and the other columns (passed to reward functions)."""
+    column = config.data.prompt_column
+    require_columns(dataset, {"data.prompt_column": column}, f"{config.data.dataset_name} ({split})")
+    ids = encode_prompt_set(dataset[column], tokenizer, config.data, f"{split} prompts")
+    columns = {c: dataset[c] for c in dataset.column_names if c != column}
+    return ids, columns
+
+
+def score(reward: CombinedReward, rollout: Experience, columns: dict, rows: list[int], accelerator) -> tuple[torch.Tensor, dict]:
+    """The rollout's scores (B,) and each source's part (`rows`: the dataset row of each response); reward models run at the run's compute
+    precision, like the policy and the reference (docs/ppo.md, Precision)."""
+    batch_columns = {name: [values[i] for i in rows] for name, values in columns.items()}
+    with accelerator.autocast():
+        return reward.score(rollout.prompts, rollout.responses, batch_columns)
+
+
+@torch.no_grad()
+def held_out_scores(trainer: OnlineTrainer, reward: CombinedReward, prompts, columns, seed: int) -> dict[str, float]:
+    """Mean reward of one response sampled for each held-out prompt (same seed every time; the
+    training RNG is left untouched)."""
+    device, pad = trainer.accelerator.device, trainer.tokenizer.pad_token_id
+    rows = list(range(trainer.accelerator.process_index, len(prompts), trainer.accelerator.num_processes))
+    total = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), trainer.forward_batch_size):
+            chunk = rows[start : start + trainer.forward_batch_size]
+            q, m = left_pad([prompts[i] for i in chunk], pad)
+            rollout = trainer.generate(query_ids=q.to(device), query_mask=m.to(device), num_generations=1)
+            scores, parts = score(reward, rollout, columns, chunk, trainer.accelerator)
+            for name, values in {"scores": scores, **parts}.items():
+                total[name] = total.get(name, 0.0) + values.sum().item()
+    sums = torch.tensor(list(total.values()) + [float(len(rows))], device=device)
+    sums = trainer.accelerator.reduce(sums, "sum")
+    return {f"eval/{name}": (v / sums[-1]).item() for name, v in zip(total, sums[:-1], strict=True)}
+
+
+def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, overwrite: bool,
+               critic: str | None = None, num_generations: int = 1) -> None:
+    """`options`: the stage's own section (total_episodes, local_rollout_forward_batch_size,
+    sample_steps, num_sample_rows); `critic`: a separate critic model for an algorithm with one."""
+    # 1. Output folder, accelerator, logging
+    run_ = start_run(stage, config, resume, overwrite)
+    accelerator, training = run_.accelerator, config.training
+
+    # 2. Policy (with a value head for a critic), reference (when used), tokenizer (left padding:
+    #    prompts end where responses start)
+    tokenizer = load_stage_tokenizer(config.model, padding_side="left")
+    model, reference = load_policy(config.model, config.peft, training.seed, critic,
+                                   with_value=algorithm.uses_critic, with_reference=algorithm.uses_reference)
+    if training.gradient_checkpointing:
+        model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 3. Rewards and prompts
+    reward = CombinedReward(config.reward, accelerator.device)
+    train_raw, test_raw = load_splits(config.data)
+    train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train")
+    test_ids, test_columns = prepare_prompts(test_raw, tokenizer, config, "test") if test_raw is not None else (None, None)
+
+    # 4. The trainer (optimizer, schedule, algorithm state); resume where a checkpoint left off
+    trainer = OnlineTrainer(config, algorithm, options.total_episodes, model, tokenizer, accelerator, reference,
+                            options.local_rollout_forward_batch_size, num_generations)
+    prompts_per_batch = trainer.batch_size // num_generations
+    order = BatchOrder(len(train_ids), prompts_per_batch, accelerator.num_processes, accelerator.process_index,
+                       training.seed)
+    if order.batches_per_epoch == 0:
+        raise UserError(f"the prompt set has {len(train_ids)} rows, fewer than one rollout batch "
+                        f"({prompts_per_batch} prompts x {accelerator.num_processes} processes).")
+    iteration = 0
+    if run_.resume_from is not None:
+        state = load_checkpoint(run_.resume_from, accelerator, trainer.unwrapped.policy, trainer.optimizer,
+                                trainer.scheduler, extra_modules=value_head_module(trainer))
+        trainer.load_state_dict(state["trainer"])
+        iteration = state["step"]
+        run_.metrics.truncate_after(iteration)
+        if accelerator.is_main_process:
+            truncate_jsonl(run_.output_dir / "samples.jsonl", iteration)
+        log.info("resumed from %s at iteration %d (episode %d)", run_.resume_from, iteration, trainer.episode)
+    planned = trainer.num_iterations * trainer.batch_size * accelerator.num_processes
+    log.info("%d iterations x %d rollouts per process x %d process(es) = %d episodes%s", trainer.num_iterations,
+             trainer.batch_size, accelerator.num_processes, planned,
+             "" if planned == options.total_episodes else
+             f" (total_episodes {options.total_episodes} rounded to whole iterations)")
+
+    def evaluate_held_out(step: int) -> None:
+        if test_ids is not None:
+            run_.metrics.log(step, held_out_scores(trainer, reward, test_ids, test_columns, training.seed))
+
+    if iteration == 0:
+        evaluate_held_out(0)
+
+    # 5. The loop: generate -> score -> step -> log / samples / checkpoint
+    progress = StepProgress(trainer.num_iterations, stage, algorithm.progress_keys, enabled=accelerator.is_main_process,
+                            start=iteration)
+    signals.install()  # SIGTERM / Ctrl-C: checkpoint after this iteration, then stop (training/signals.py)
+    while iteration < trainer.num_iterations:
+        prompt_rows = order.indices(iteration)
+        rows = [i for i in prompt_rows for _ in range(num_generations)]  # each prompt's group: consecutive rows
+        q, m = left_pad([train_ids[i] for i in prompt_rows], tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        rollout = trainer.generate(query_ids=q.to(accelerator.device), query_mask=m.to(accelerator.device))
+        t1 = time.perf_counter()
+        scores, parts = score(reward, rollout, train_columns, rows, accelerator)
+        t2 = time.perf_counter()
+        try:
+            stats = trainer.step(rollout, scores)
+        except NonFiniteBatch as fault:
+            if not training.skip_nonfinite_batches:
+                raise UserError(nonfinite_message(str(fault), iteration + 1, run_.output_dir,
+                                                  "training.skip_nonfinite_batches")) from None
+            # (with skipping on, only a rollout's inputs raise, before any update) the data order moves on
+            log.warning("iteration %d: %s; skipping the batch (training.skip_nonfinite_batches).", iteration + 1, fault)
+            trainer.nonfinite_skips += 1
+            iteration += 1
+            continue
+        bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+        if bad:  # a last guard: statistics of an update that ran on finite inputs and gradients
+            raise UserError(nonfinite_message(f"{', '.join(bad)} not finite after the update", iteration + 1,
+                                              run_.output_dir, "training.skip_nonfinite_batches"))
+        if trainer.nonfinite_skips:
+            stats["nonfinite_skips"] = trainer.nonfinite_skips
+        if trainer.fp16_overflow_skips:
+            stats["fp16_overflow_skips"] = trainer.fp16_overflow_skips
+        iteration += 1
+        elapsed = time.perf_counter() - t0
+        tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()
+        stats.update({
+            "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
+            "episodes_per_s": len(rows) * accelerator.num_processes / elapsed, "tokens_per_s": tokens / elapsed,
+            **{f"reward/{name}": accelerator.reduce(v.float().mean().to(accelerator.device), "mean").item()
+               for name, v in parts.items()},
+        })
+        if iteration % training.logging_steps == 0 or iteration == trainer.num_iterations:
+            run_.metrics.log(iteration, stats)
+            progress.update(iteration, stats, log_line=True)
+        else:
+            progress.update(iteration, stats)
+        if accelerator.is_main_process and options.num_sample_rows and iteration % options.sample_steps == 0:
+            write_samples(run_.output_dir, iteration, rollout, scores, options.num_sample_rows, progress)
+        if training.eval_steps and iteration % training.eval_steps == 0 and iteration != trainer.num_iterations:
+            evaluate_held_out(iteration)
+        stop = signals.stop_requested(accelerator) if iteration != trainer.num_iterations else None
+        if (iteration % training.save_steps == 0 and iteration != trainer.num_iterations) or stop:
+            save(run_, trainer, iteration, tokenizer, training.save_total_limit)
+            if stop:
+                progress.close()
+                signals.restore()
+                raise signals.Interrupted(stop, iteration, run_.output_dir / f"checkpoint-{iteration}")
+    progress.close()
+    signals.restore()
+
+    # 6. Held-out score, final checkpoint, the model (with its value head) at the top of output_dir
+    evaluate_held_out(iteration)
+    save(run_, trainer, iteration, tokenizer, training.save_total_limit)
+    replica_checksum(accelerator, trainer.model)
+    if accelerator.is_main_process:
+        unwrapped = trainer.unwrapped
+        save_final_model(unwrapped.policy, tokenizer, run_.output_dir, config.peft)
+        if unwrapped.value_head is not None:
+            unwrapped.value_head.save(run_.output_dir)
+        log.info("done: %d iterations, %d episodes; %s written to %s", iteration, trainer.episode,
+                 "policy and value head" if unwrapped.value_head is not None else "policy", run_.output_dir)
+    finish_run(run_)
+
+
+def value_head_module(trainer: OnlineTrainer) -> dict:
+    """The checkpoint's extra modules: the value head, for an algorithm with a critic."""
+    head = trainer.unwrapped.value_head
+    return {"value_head": head} if head is not None else {}
+
+
+def save(run_, trainer: OnlineTrainer, iteration: int, tokenizer, limit) -> None:
+    save_checkpoint(
+        run_.output_dir, iteration, trainer.accelerator, trainer.unwrapped.policy, trainer.optimizer,
+        trainer.scheduler, {"trainer": trainer.state_dict()}, extra_modules=value_head_module(trainer),
+        tokenizer=tokenizer, save_total_limit=limit,
+    )
+
+
+def write_samples(output_dir, iteration: int, rollout: Experience, scores: torch.Tensor, n: int, progress) -> None:
+    """A few (prompt, response, reward) rows to samples.jsonl, and as a table on a terminal."""
+    rows = [
+        {"step": iteration, "prompt": p, "response": r, "score": float(s)}
+        for p, r, s in zip(rollout.prompts[:n], rollout.responses[:n], scores[:n].tolist(), strict=True)
+    ]
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if progress.interactive:
+        print_samples(rows)
