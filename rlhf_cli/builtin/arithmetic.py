@@ -2,8 +2,11 @@
 
 The prompt is a sum of single-digit operands joined by ``+`` or ``-`` and ended by ``=``:
 ``"7 + 5 ="`` or ``"9 - 3 + 4 ="``. The row's ``answer`` is the exact result as a string (``"12"``,
-``"-2"``). Half the problems have two operands (all 200 of them, results -9..18), half three (4000,
-results -18..27), so a tiny model has an easy tier to learn first and a harder one to generalise to.
+``"-2"``); its ``completion`` is what a model should write after the prompt, a space and the answer
+(``" 12"``), for an SFT warm-up with ``dataset_format: prompt-completion`` (which appends the eos,
+so the model also learns to stop after the number; configs/quickstart-sft-arithmetic.yaml). Half
+the problems have two operands (all 200 of them, results -9..18), half three (4000, results
+-18..27), so a tiny model has an easy tier to learn first and a harder one to generalise to.
 Every character is one token of the built-in tokenizer (digits, ``+``, ``-``, ``=`` and the space
 each encode to a single token and decode back exactly), so no prompt depends on odd merges.
 
@@ -29,14 +32,14 @@ ANSWER_COLUMN = "answer"
 
 
 def problem(operands: list[int], operators: list[str]) -> dict[str, str]:
-    """The row of one problem: ``prompt`` (``"7 + 5 ="``) and ``answer`` (``"12"``)."""
+    """The row of one problem: ``prompt`` ("7 + 5 ="), ``answer`` ("12") and ``completion`` (" 12")."""
     result = operands[0]
     for operator, operand in zip(operators, operands[1:], strict=True):
         result = result + operand if operator == "+" else result - operand
     terms = [str(operands[0])]
     for operator, operand in zip(operators, operands[1:], strict=True):
         terms += [operator, str(operand)]
-    return {"prompt": " ".join([*terms, "="]), "answer": str(result)}
+    return {"prompt": " ".join([*terms, "="]), "answer": str(result), "completion": f" {result}"}
 
 
 def random_problems(rng: random.Random) -> Iterator[dict[str, str]]:

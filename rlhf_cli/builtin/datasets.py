@@ -40,7 +40,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "review-preferences": "two continuations of one opening: prompt, chosen, rejected (gold gap >= 0.2)",
     "review-chat": "messages: a user asks for a positive/negative/mixed film review, the assistant writes it",
     "review-prompts": "distinct review openings (prompt) for PPO rollouts and evaluation",
-    "arithmetic": "sums of 2-3 single-digit operands with + and - (prompt '7 + 5 =') and the exact answer",
+    "arithmetic": "sums of 2-3 single-digit operands with + and -: prompt '7 + 5 =', answer '12', completion ' 12'",
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "reviews": (20_000, 1_000),
@@ -74,7 +74,7 @@ _FEATURES = {
     ),
     "review-chat": Features({"messages": List({"role": _STRING, "content": _STRING}), "label": _STRING}),
     "review-prompts": Features({"prompt": _STRING}),
-    "arithmetic": Features({"prompt": _STRING, "answer": _STRING}),
+    "arithmetic": Features({"prompt": _STRING, "answer": _STRING, "completion": _STRING}),
 }
 # Label pairs for preference pairs: mostly opposite polarities, some harder same-polarity pairs.
 _PAIR_LABELS = (

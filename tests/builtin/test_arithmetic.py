@@ -7,6 +7,8 @@ import pytest
 from rlhf_cli.builtin.arithmetic import exact_answer_reward, first_number, problem
 from rlhf_cli.builtin.datasets import DEFAULT_SIZES, is_held_out, load_builtin_dataset
 from rlhf_cli.builtin.tokenizer import builtin_tokenizer
+from rlhf_cli.config.schema import SFTDataConfig
+from rlhf_cli.data.sft_format import IGNORE_INDEX, detect_format, tokenize_example
 from rlhf_cli.errors import UserError
 from rlhf_cli.rewards.function import BUILTIN_FUNCTIONS, FunctionReward
 
@@ -21,10 +23,11 @@ def data():
 def test_prompts_are_sums_of_single_digits_and_answers_are_exact(data):
     for split in ("train", "test"):
         rows = data[split]
-        assert rows.column_names == ["prompt", "answer"]
-        for prompt, answer in zip(rows["prompt"], rows["answer"], strict=True):
+        assert rows.column_names == ["prompt", "answer", "completion"]
+        for prompt, answer, completion in zip(rows["prompt"], rows["answer"], rows["completion"], strict=True):
             assert PROMPT.fullmatch(prompt), prompt
             assert answer == str(eval(prompt.removesuffix(" =")))  # the expression is digits and +/- only
+            assert completion == " " + answer  # what the model writes after "=": a space, then the number
         assert len(set(rows["prompt"])) == len(rows["prompt"])
 
 
@@ -71,8 +74,28 @@ def test_prompts_and_answers_round_trip_through_the_builtin_tokenizer_one_token_
 
 
 def test_problem_builds_prompt_and_answer():
-    assert problem([7, 5], ["+"]) == {"prompt": "7 + 5 =", "answer": "12"}
-    assert problem([2, 9, 4], ["-", "+"]) == {"prompt": "2 - 9 + 4 =", "answer": "-3"}
+    assert problem([7, 5], ["+"]) == {"prompt": "7 + 5 =", "answer": "12", "completion": " 12"}
+    assert problem([2, 9, 4], ["-", "+"]) == {"prompt": "2 - 9 + 4 =", "answer": "-3", "completion": " -3"}
+
+
+def test_completion_is_sft_prompt_completion_data_that_the_checker_scores_right():
+    """`rlhf sft` with dataset_format prompt-completion trains on " 12" + eos after "7 + 5 =": one token
+    per character, the prompt masked, and the decoded completion (eos dropped) scores 1.0."""
+    tokenizer = builtin_tokenizer()
+    rows = load_builtin_dataset("arithmetic", num_train=20, num_test=0)["train"]
+    cfg = SFTDataConfig(dataset_name="builtin:arithmetic", dataset_format="prompt-completion")
+    assert detect_format(rows.column_names, cfg) == "prompt-completion"
+    assert detect_format(rows.column_names, SFTDataConfig()) == "prompt-completion"  # auto finds it too
+    for row in rows:
+        out = tokenize_example(row, tokenizer, "prompt-completion", cfg)
+        ids, labels = out["input_ids"], out["labels"]
+        assert len(ids) == len(row["prompt"]) + len(row["completion"]) + 1  # + the eos
+        assert ids[-1] == tokenizer.eos_token_id
+        trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+        assert trained == ids[len(row["prompt"]) :]  # the completion and the eos, nothing of the prompt
+        response = tokenizer.decode(trained, skip_special_tokens=True)
+        assert response == row["completion"]
+        assert exact_answer_reward([row["prompt"]], [response], answer=[row["answer"]]) == [1.0]
 
 
 @pytest.mark.parametrize(

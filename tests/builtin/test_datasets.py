@@ -22,7 +22,7 @@ COLUMNS = {
     "review-preferences": ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"],
     "review-chat": ["messages", "label"],
     "review-prompts": ["prompt"],
-    "arithmetic": ["prompt", "answer"],
+    "arithmetic": ["prompt", "answer", "completion"],
 }
 
 
