@@ -44,17 +44,6 @@ AllowConfigChangeOpt = Annotated[
     ),
 ]
 
-STAGE_HELP = {
-    "sft": "Supervised fine-tuning of a causal language model (or a LoRA adapter).",
-    "reward": "Train a pairwise (Bradley-Terry) reward model from preference pairs.",
-    "ppo": "PPO against a reward: a reward model, a classifier or any Python function.",
-    "dpo": "Direct preference optimisation of a causal LM (or a LoRA adapter) on preference pairs.",
-    "grpo": "GRPO against a reward: group-normalised advantages over several responses per prompt, no critic.",
-    "rloo": "RLOO against a reward: a leave-one-out baseline over several responses per prompt, no critic.",
-    "eval": "Score, compare and plot models and checkpoints.",
-}
-
-
 def load_stage_config(stage: str, config: Path, overrides: list[str] | None, output_dir: str | None):
     overrides = list(overrides or [])
     if output_dir is not None:
@@ -76,7 +65,7 @@ def run_config(stage: str, cfg, resume: bool, overwrite: bool, allow_config_chan
     """Run one stage on a validated config: the path of `rlhf <stage>` and of every stage of `rlhf run`."""
     from rlhf_cli.stages.common import config_change_allowed
 
-    module = importlib.import_module(f"rlhf_cli.stages.{stage}")
+    module = importlib.import_module(STAGES[stage].module)
     with config_change_allowed(allow_config_change):
         module.run(cfg, resume=resume, overwrite=overwrite)
 
@@ -92,8 +81,8 @@ def _make_stage_command(stage: str):
     ) -> None:
         run_stage(stage, config, set_, output_dir, resume, overwrite, allow_config_change)
 
-    command.__doc__ = STAGE_HELP[stage]
-    app.command(name=stage, help=STAGE_HELP[stage], epilog=text_reference(stage))(command)
+    command.__doc__ = STAGES[stage].help
+    app.command(name=stage, help=STAGES[stage].help, epilog=text_reference(stage))(command)
 
 
 for _stage in STAGES:
@@ -171,7 +160,7 @@ def run_recipe_command(
 def candidate_stages(raw: dict) -> list[str]:
     """Stages whose sections include every top-level key of the file (all stages if none does)."""
     sections = set(raw) - {"stage"}
-    matching = [s for s, cls in STAGES.items() if sections <= {f.name for f in dataclasses.fields(cls)}]
+    matching = [s for s, d in STAGES.items() if sections <= {f.name for f in dataclasses.fields(d.config)}]
     return matching or list(STAGES)
 
 

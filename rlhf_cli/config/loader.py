@@ -21,11 +21,8 @@ from rlhf_cli.errors import UserError
 
 # Top-level keys that are not sections: the stage a file is written for, and its parents.
 META_KEYS = ("stage", "extends")
-OUTPUT_DIR_KEY = {"eval": "eval.output_dir"}  # every other stage: training.output_dir
-
-
 def output_dir_key(stage: str) -> str:
-    return OUTPUT_DIR_KEY.get(stage, "training.output_dir")
+    return STAGES[stage].output_dir_key if stage in STAGES else "training.output_dir"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +337,7 @@ def build_stage(stage: str, raw: dict, source: str = "config") -> Any:
         raise UserError(
             f"{source}: this config is written for `rlhf {declared}` (stage: {declared}), not `rlhf {stage}`."
         )
-    config = build(STAGES[stage], raw)
+    config = build(STAGES[stage].config, raw)
     section, _, leaf = output_dir_key(stage).rpartition(".")
     folder = getattr(get_key(config, section), leaf)
     if not folder.strip():  # Path("") is the current folder: the run would silently land among your files

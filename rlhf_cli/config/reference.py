@@ -45,7 +45,7 @@ def text_reference(stage: str) -> str:
     """Plain-text key list for `rlhf <stage> --help`."""
     # "\b" stops click from re-wrapping the block into one paragraph.
     lines = ["\b", f"Config keys of `rlhf {stage}` (YAML sections; override any with --set key=value):"]
-    for doc in describe(STAGES[stage]):
+    for doc in describe(STAGES[stage].config):
         choices = f" One of: {', '.join(map(str, doc.choices))}." if doc.choices else ""
         lines.append(f"  {doc.key} = {format_default(doc.default)}  ({doc.type})")
         lines.append(f"      {doc.help}{choices}")
@@ -60,9 +60,9 @@ def markdown_reference() -> str:
         "Generated from the help text in `rlhf_cli/config/` by `python -m rlhf_cli.config.reference`;",
         "do not edit by hand. Every key can be set in YAML or with `--set key.path=value`.",
     ]
-    for stage, cls in STAGES.items():
-        out += ["", f"## `rlhf {stage}`", "", "| key | type | default | help |", "|---|---|---|---|"]
-        for doc in describe(cls):
+    for stage, declared in STAGES.items():
+        out += ["", f"## `rlhf {stage}`", "", declared.help, "", "| key | type | default | help |", "|---|---|---|---|"]
+        for doc in describe(declared.config):
             choices = f" One of: {', '.join(f'`{c}`' for c in doc.choices)}." if doc.choices else ""
             help_text = (doc.help + choices).replace("|", "\\|")
             out.append(f"| `{doc.key}` | {doc.type} | `{format_default(doc.default)}` | {help_text} |")

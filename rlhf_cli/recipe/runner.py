@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from rlhf_cli.config.loader import to_dict
+from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 from rlhf_cli.recipe.spec import Recipe, RecipeStage, load_recipe
 from rlhf_cli.training.checkpoint import latest_checkpoint
@@ -263,7 +264,7 @@ def run_recipe(
             log.info("[%d/%d] %s: rlhf %s %s -> %s (%s)", number, len(steps), stage.name, stage.command,
                      stage.config_file, stage.output_dir, step.action)
             t0, cpu0 = time.perf_counter(), time.process_time()
-            alone = stage.command == "eval" and world > 1  # an evaluation is one process's job
+            alone = STAGES[stage.command].one_process and world > 1  # e.g. an evaluation is one process's job
             if is_main or not alone:
                 execute(stage.command, stage.config, step.action == "resume", step.action == "restart")
             fresh_state()

@@ -8,6 +8,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 from rlhf_cli.training.accel import make_accelerator
 from rlhf_cli.training.checkpoint import resume_checkpoint, set_aside_damaged
@@ -31,9 +32,6 @@ class Run:
     metrics: MetricsWriter
     resume_from: Path | None
 
-
-# Files a stage's checkpoints hold beyond the ones every checkpoint has (training/checkpoint.py).
-CHECKPOINT_FILES = {"ppo": ("value_head.safetensors",)}
 
 # The CLI's --allow-config-change for the stage it runs (the stages call start_run without it).
 ALLOW_CONFIG_CHANGE = False
@@ -65,7 +63,7 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
     resume_from, damaged, changes = None, [], None
     if resume:
         main = accelerator.is_main_process
-        resume_from, damaged = resume_checkpoint(output_dir, CHECKPOINT_FILES.get(stage, ()), report=main)
+        resume_from, damaged = resume_checkpoint(output_dir, STAGES[stage].checkpoint_files(config), report=main)
         if resume_from is None and damaged:
             raise UserError(
                 f"--resume: no checkpoint in {output_dir} can be resumed from: {'; '.join(p for _, p in damaged)}. "

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,8 +21,8 @@ from rlhf_cli.online.trainer import OnlineTrainer
 from rlhf_cli.online.updater import NonFiniteBatch
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.stages.common import finish_run, start_run
-from rlhf_cli.training import signals
 from rlhf_cli.training.accel import replica_checksum
+from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import BatchOrder, nonfinite_message
 from rlhf_cli.training.metrics import truncate_jsonl
@@ -121,10 +122,16 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     if iteration == 0:
         evaluate_held_out(0)
 
-    # 5. The loop: generate -> score -> step -> log / samples / checkpoint
+    def checkpoint(at: int) -> Path:
+        save(run_, trainer, at, tokenizer, training.save_total_limit)
+        return run_.output_dir / f"checkpoint-{at}"
+
+    # 5. The loop: generate -> score -> step -> samples, in the shared run skeleton (training/cadence.py:
+    #    log / evaluate / checkpoint / signals)
     progress = StepProgress(trainer.num_iterations, stage, algorithm.progress_keys, enabled=accelerator.is_main_process,
                             start=iteration)
-    signals.install()  # SIGTERM / Ctrl-C: checkpoint after this iteration, then stop (training/signals.py)
+    cadence = RunCadence(total=trainer.num_iterations, training=training, accelerator=accelerator,
+                         metrics=run_.metrics, progress=progress, save=checkpoint, evaluate=evaluate_held_out)
     while iteration < trainer.num_iterations:
         prompt_rows = order.indices(iteration)
         rows = [i for i in prompt_rows for _ in range(num_generations)]  # each prompt's group: consecutive rows
@@ -138,8 +145,8 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
             stats = trainer.step(rollout, scores)
         except NonFiniteBatch as fault:
             if not training.skip_nonfinite_batches:
-                raise UserError(nonfinite_message(str(fault), iteration + 1, run_.output_dir,
-                                                  "training.skip_nonfinite_batches")) from None
+                raise cadence.fail(nonfinite_message(str(fault), iteration + 1, run_.output_dir,
+                                                     "training.skip_nonfinite_batches")) from None
             # (with skipping on, only a rollout's inputs raise, before any update) the data order moves on
             log.warning("iteration %d: %s; skipping the batch (training.skip_nonfinite_batches).", iteration + 1, fault)
             trainer.nonfinite_skips += 1
@@ -147,7 +154,7 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
             continue
         bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
         if bad:  # a last guard: statistics of an update that ran on finite inputs and gradients
-            raise UserError(nonfinite_message(f"{', '.join(bad)} not finite after the update", iteration + 1,
+            raise cadence.fail(nonfinite_message(f"{', '.join(bad)} not finite after the update", iteration + 1,
                                               run_.output_dir, "training.skip_nonfinite_batches"))
         if trainer.nonfinite_skips:
             stats["nonfinite_skips"] = trainer.nonfinite_skips
@@ -162,24 +169,10 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
             **{f"reward/{name}": accelerator.reduce(v.float().mean().to(accelerator.device), "mean").item()
                for name, v in parts.items()},
         })
-        if iteration % training.logging_steps == 0 or iteration == trainer.num_iterations:
-            run_.metrics.log(iteration, stats)
-            progress.update(iteration, stats, log_line=True)
-        else:
-            progress.update(iteration, stats)
         if accelerator.is_main_process and options.num_sample_rows and iteration % options.sample_steps == 0:
             write_samples(run_.output_dir, iteration, rollout, scores, options.num_sample_rows, progress)
-        if training.eval_steps and iteration % training.eval_steps == 0 and iteration != trainer.num_iterations:
-            evaluate_held_out(iteration)
-        stop = signals.stop_requested(accelerator) if iteration != trainer.num_iterations else None
-        if (iteration % training.save_steps == 0 and iteration != trainer.num_iterations) or stop:
-            save(run_, trainer, iteration, tokenizer, training.save_total_limit)
-            if stop:
-                progress.close()
-                signals.restore()
-                raise signals.Interrupted(stop, iteration, run_.output_dir / f"checkpoint-{iteration}")
-    progress.close()
-    signals.restore()
+        cadence.after_step(iteration, stats if cadence.log_due(iteration) else None, shown=stats)
+    cadence.close()
 
     # 6. Held-out score, final checkpoint, the model (with its value head) at the top of output_dir
     evaluate_held_out(iteration)

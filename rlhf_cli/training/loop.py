@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
-from rlhf_cli.training import signals
 from rlhf_cli.training.accel import replica_checksum
+from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.optim import make_optimizer, make_scheduler, total_steps
@@ -157,13 +157,22 @@ def train_loop(
         log.info("resumed from %s at step %d", resume_from, state["step"])
     step, totals = state["step"], state["totals"]
 
-    # 3. The loop
+    # 3. The loop, in the shared run skeleton (training/cadence.py: log / evaluate / checkpoint / signals)
+    def save(at: int) -> Path:
+        return save_checkpoint(output_dir, at, accelerator, model, optimizer, scheduler, {"totals": totals},
+                               tokenizer=tokenizer, save_total_limit=training.save_total_limit)
+
+    def evaluate_and_log(at: int) -> None:
+        metrics.log(at, evaluate(model))
+        model.train()
+
     accum = training.gradient_accumulation_steps
     progress = StepProgress(total, description, progress_keys, enabled=accelerator.is_main_process, start=step)
+    cadence = RunCadence(total=total, training=training, accelerator=accelerator, metrics=metrics,
+                         progress=progress, save=save, evaluate=evaluate_and_log if evaluate is not None else None)
     window: dict[str, float] = {}
     window_start = time.perf_counter()
     model.train()
-    signals.install()  # SIGTERM / Ctrl-C: checkpoint after this step, then stop (training/signals.py)
     while step < total:
         micro = [
             {k: v.to(accelerator.device) for k, v in collate([train_dataset[i] for i in order.indices(step * accum + j)]).items()}
@@ -188,9 +197,7 @@ def train_loop(
         fault = fault or outcome.fault
         if fault:
             if not training.skip_nonfinite_batches:
-                progress.close()
-                signals.restore()
-                raise UserError(nonfinite_message(fault, step + 1, output_dir, "training.skip_nonfinite_batches"))
+                raise cadence.fail(nonfinite_message(fault, step + 1, output_dir, "training.skip_nonfinite_batches"))
             log.warning("step %d: %s; skipping the batch (training.skip_nonfinite_batches).", step + 1, fault)
             _accumulate(totals, {"nonfinite_skips": 1.0})
             step_sums = {}
@@ -206,7 +213,8 @@ def train_loop(
             _accumulate(window, {"grad_norm_sum": float(grad_norm), "grad_norm_count": 1.0})
 
         # 4. Log, evaluate, checkpoint
-        if step % training.logging_steps == 0 or step == total:
+        row = None
+        if cadence.log_due(step):
             reduced = _reduce(accelerator, window)
             _accumulate(totals, {k: v for k, v in reduced.items() if k.startswith("num_")})
             row = objective.finalize(reduced) if reduced else {}  # empty: every batch of the window was skipped
@@ -222,37 +230,17 @@ def train_loop(
                 if key in totals:
                     row[key] = totals[key]
             row["epoch"] = step * accum / order.batches_per_epoch
-            metrics.log(step, row)
-            progress.update(step, row, log_line=True)
             window, window_start = {}, time.perf_counter()
-        else:
-            progress.update(step)
         paused = time.perf_counter()  # time spent evaluating and checkpointing is not training throughput
-        if evaluate is not None and training.eval_steps and step % training.eval_steps == 0 and step != total:
-            metrics.log(step, evaluate(model))
-            model.train()
-        stop = signals.stop_requested(accelerator) if step != total else None
-        if (step % training.save_steps == 0 and step != total) or stop:
-            saved = save_checkpoint(
-                output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
-                tokenizer=tokenizer, save_total_limit=training.save_total_limit,
-            )
-            if stop:
-                progress.close()
-                signals.restore()
-                raise signals.Interrupted(stop, step, saved)
+        cadence.after_step(step, row)
         window_start += time.perf_counter() - paused
-    progress.close()
-    signals.restore()
+    cadence.close()
 
     # 5. Final evaluation and checkpoint (the final model itself is written by the stage)
     if evaluate is not None:
         final_eval = evaluate(model)
         metrics.log(step, final_eval)
         state["eval"] = final_eval
-    save_checkpoint(
-        output_dir, step, accelerator, model, optimizer, scheduler, {"totals": totals},
-        tokenizer=tokenizer, save_total_limit=training.save_total_limit,
-    )
+    save(step)
     state.update(step=step, totals=totals, model=model, weights_checksum=replica_checksum(accelerator, model))
     return state

@@ -139,6 +139,8 @@ def test_resolved_config_round_trip(tmp_path, write_yaml, stage):
         "ppo": PPO_MIN + "ppo:\n  kl_coef: 0.3\n",
         "eval": PPO_MIN + "eval:\n  models: [builtin:tiny-gpt2]\n",
         "dpo": "data:\n  max_prompt_length: 32\ndpo:\n  beta: 0.2\n  loss_type: ipo\n",
+        "grpo": PPO_MIN + "grpo:\n  num_generations: 4\n  epsilon_high: 0.28\n  loss_type: dr_grpo\n",
+        "rloo": PPO_MIN + "rloo:\n  beta: 0.0\n  kl_in_reward: false\n",
     }[stage]
     cfg = load_config(stage, write_yaml("c.yaml", text), ["data.max_length=77"])
     dump_config(stage, cfg, tmp_path / "resolved.yaml")
