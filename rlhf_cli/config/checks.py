@@ -128,6 +128,11 @@ def check_stage(stage: str, config: Any) -> None:
     opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)
     if opening is not None and (len(opening) != 2 or opening[0] > opening[1]):
         raise UserError(f"data.prompt_opening_tokens: expected [min, max] with min <= max, got {opening}.")
+    if stage == "ppo" and config.ppo.advantage_estimator != "gae" and config.ppo.value_model_name_or_path:
+        raise UserError(
+            f"ppo.value_model_name_or_path is a critic, and ppo.advantage_estimator: {config.ppo.advantage_estimator} "
+            "uses none; remove one of them."
+        )
     if stage == "ppo":
         ppo, training = config.ppo, config.training
         rollout = training.per_device_train_batch_size * training.gradient_accumulation_steps * ppo.num_mini_batches

@@ -1,6 +1,9 @@
-"""One root config per subcommand, assembled from the shared sections plus its own options."""
+"""One root config per subcommand, assembled from the shared sections plus its own options, and the
+declaration of every stage (STAGES) that the CLI, the validator, `rlhf run` and the docs read."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rlhf_cli.config.fields import option, section
 from rlhf_cli.config.sections import (
@@ -129,6 +132,13 @@ class PPOOptions:
     )
     value_model_name_or_path: str | None = option(
         None, "A separate critic (e.g. the reward model) instead of a value head on the policy."
+    )
+    advantage_estimator: str = option(
+        "gae",
+        "`gae`: a critic and GAE (PPO); `reinforce++`: no critic, advantages are the discounted sum of the "
+        "per-token rewards (KL penalty on every token, the score on the last) whitened over the whole batch "
+        "(REINFORCE++, Hu 2025); docs/ppo.md.",
+        choices=("gae", "reinforce++"),
     )
     sample_steps: int = option(10, "Write a few (prompt, response, reward) rows every this many iterations.", min=1)
     num_sample_rows: int = option(4, "Rows written each time samples are logged.", min=0)
@@ -342,12 +352,34 @@ class EvalConfig:
     reward: RewardConfig = section(RewardConfig, "The rewards every model is scored with.")
 
 
-STAGES: dict[str, type] = {
-    "sft": SFTConfig,
-    "reward": RewardModelConfig,
-    "ppo": PPOConfig,
-    "dpo": DPOConfig,
-    "grpo": GRPOConfig,
-    "rloo": RLOOConfig,
-    "eval": EvalConfig,
-}
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand, declared once: `rlhf <name> CONFIG` builds `config` from the YAML and calls
+    `run(config, resume=, overwrite=)` of the module `rlhf_cli.stages.<name>` (imported when it runs)."""
+
+    name: str
+    config: type
+    help: str
+    output_dir_key: str = "training.output_dir"
+    # files a run's checkpoints hold beyond every checkpoint's, from its config
+    checkpoint_files: Callable[[Any], tuple[str, ...]] = lambda config: ()
+    one_process: bool = False  # under `rlhf run` with several processes, only the main one runs it
+
+    @property
+    def module(self) -> str:
+        return f"rlhf_cli.stages.{self.name}"
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("sft", SFTConfig, "Supervised fine-tuning of a causal language model (or a LoRA adapter)."),
+    Stage("reward", RewardModelConfig, "Train a pairwise (Bradley-Terry) reward model from preference pairs."),
+    Stage("ppo", PPOConfig, "PPO against a reward: a reward model, a classifier or any Python function.",
+          checkpoint_files=lambda c: ("value_head.safetensors",) if c.ppo.advantage_estimator == "gae" else ()),
+    Stage("dpo", DPOConfig, "Direct preference optimisation of a causal LM (or a LoRA adapter) on preference pairs."),
+    Stage("grpo", GRPOConfig,
+          "GRPO against a reward: group-normalised advantages over several responses per prompt, no critic."),
+    Stage("rloo", RLOOConfig,
+          "RLOO against a reward: a leave-one-out baseline over several responses per prompt, no critic."),
+    Stage("eval", EvalConfig, "Score, compare and plot models and checkpoints.", output_dir_key="eval.output_dir",
+          one_process=True),
+)}

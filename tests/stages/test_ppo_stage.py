@@ -311,3 +311,21 @@ def test_ppo_from_an_sft_adapter_folder_starts_at_kl_zero(cli, tmp_path, write_y
     assert not (out / "reference").exists() and not (out / "checkpoint-1" / "model" / "reference").exists()
     policy = PeftModel.from_pretrained(load_model("builtin:tiny-gpt2", task="causal-lm"), out)
     assert list(policy.peft_config) == ["default"]
+
+
+@pytest.mark.slow
+def test_reinforce_pp_trains_without_a_critic_and_resumes(cli, tmp_path, write_yaml):
+    """`ppo.advantage_estimator: reinforce++`: no value head is made, trained or saved; its checkpoints
+    resume without one."""
+    out = tmp_path / "out"
+    config = write_yaml("rpp.yaml", ppo_config(out, extra="  advantage_estimator: reinforce++\n"))
+    result = cli("ppo", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "value_head.safetensors").exists() and not (out / "checkpoint-2" / "value_head.safetensors").exists()
+    last = [r for r in read_metrics(out) if "objective/kl" in r][-1]
+    assert "loss/policy_avg" in last and "loss/value_avg" not in last
+    more = cli("ppo", str(config), "--resume", "--set", "ppo.total_episodes=64")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from" in more.stderr
+    bad = cli("ppo", str(config), "--overwrite", "--set", "ppo.value_model_name_or_path=builtin:tiny-gpt2")
+    assert bad.returncode == 2 and "uses none" in bad.stderr
