@@ -126,13 +126,13 @@ def nan_values(out, value):
 
 def poison_rollout(monkeypatch, fault: str) -> None:
     """The second iteration's rewards (inf) or values (NaN) are not finite."""
-    from rlhf_cli.ppo.trainer import PPOTrainer
+    from rlhf_cli.online.trainer import OnlineTrainer
     from rlhf_cli.rewards.combined import CombinedReward
 
     if fault == "rewards":
         poison_after(monkeypatch, CombinedReward, "score", calls=1, value=float("inf"), wrap=inf_scores, times=1)
     else:
-        poison_after(monkeypatch, PPOTrainer, "evaluate", calls=1, value=float("nan"), wrap=nan_values, times=1)
+        poison_after(monkeypatch, OnlineTrainer, "evaluate", calls=1, value=float("nan"), wrap=nan_values, times=1)
 
 
 @pytest.mark.parametrize("skip", [False, True])
