@@ -49,3 +49,28 @@ def sft_model(tmp_path_factory) -> Path:
                      "--set", "training.eval_steps=100", "--set", "data.max_eval_samples=64")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+class OneProcess:
+    """What an online algorithm reads from its trainer (online/trainer.py): reductions and the episode
+    count, here for one CPU process."""
+
+    accelerator = None
+
+    def mean(self, x):
+        return x.float().mean().item()
+
+    def total(self, x):
+        return x.float().sum().item()
+
+    def episodes(self, exp):
+        return len(exp)
+
+
+@pytest.fixture
+def one_process():
+    from accelerate import Accelerator
+
+    context = OneProcess()
+    context.accelerator = Accelerator(cpu=True)
+    return context

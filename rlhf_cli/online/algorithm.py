@@ -49,7 +49,6 @@ class MicroBatch:
 
 
 class Algorithm:
-    name = ""
     uses_critic = False
     num_epochs = 1
     num_mini_batches = 1

@@ -14,8 +14,6 @@ from rlhf_cli.online.groups import ADVANTAGE_EPS, GroupAlgorithm, batch_std, gro
 
 
 class GRPO(GroupAlgorithm):
-    name = "grpo"
-
     @property
     def kl_estimator(self) -> str:
         return self.options.kl_estimator

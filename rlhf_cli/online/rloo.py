@@ -11,7 +11,6 @@ from rlhf_cli.online.groups import ADVANTAGE_EPS, GroupAlgorithm, batch_std, gro
 
 
 class RLOO(GroupAlgorithm):
-    name = "rloo"
     sequence_level_ratio = True
 
     @property

@@ -67,12 +67,12 @@ class Updater:
         means = accelerator.reduce(means, "mean")
         return dict(zip(sums, means.tolist(), strict=True))
 
-    def _micro_step(self, exp: Experience, idx, algorithm: Algorithm, forward: Forward, tokens, rows: int
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _micro_step(self, exp: Experience, idx, algorithm: Algorithm, forward: Forward,
+                    tokens: tuple[torch.Tensor, torch.Tensor], rows: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward, loss and backward of one micro-batch; returns detached per-token-mean statistics
-        and the micro-batch's valid-token count. `tokens`: the mini-batch's (all processes' / processes,
-        this process's) valid-token counts, or one count for both."""
-        loss_tokens, local_tokens = tokens if isinstance(tokens, tuple) else (tokens, tokens)
+        and the micro-batch's valid-token count. `tokens`: the mini-batch's valid-token counts (all
+        processes' / processes, this process's)."""
+        loss_tokens, local_tokens = tokens
         logits, values = forward(exp, idx)  # trimmed to T' columns: the rest is masked in every row
         cols = slice(0, logits.shape[1])
         logprobs = logprobs_from_logits(logits, exp.response_ids[idx, cols], self.temperature)

@@ -17,7 +17,6 @@ from rlhf_cli.ppo.rewards import apply_missing_eos_penalty, clip_scores, per_tok
 
 
 class PPO(Algorithm):
-    name = "ppo"
     progress_keys = ("objective/scores", "objective/kl", "episodes_per_s")
 
     def __init__(self, options: PPOOptions):

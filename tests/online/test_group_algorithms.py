@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from rlhf_cli.config.schema import GRPOOptions, RLOOOptions
 from rlhf_cli.online.algorithm import MicroBatch
@@ -16,17 +15,6 @@ from rlhf_cli.online.rloo import RLOO
 
 TRAINING = SimpleNamespace(gradient_accumulation_steps=1, per_device_train_batch_size=4)
 
-
-class Ctx:
-    """What an algorithm reads from the trainer: one CPU process."""
-
-    accelerator = Accelerator(cpu=True)
-
-    def mean(self, x):
-        return x.float().mean().item()
-
-    def total(self, x):
-        return x.float().sum().item()
 
 
 def experience(scores, T=3, stopped=None, lengths=None) -> Experience:
@@ -46,10 +34,10 @@ def grpo(**options) -> GRPO:
     return GRPO(GRPOOptions(num_generations=4, **options), TRAINING, response_length=3)
 
 
-def test_grpo_group_normalised_advantages_and_a_zero_variance_group():
+def test_grpo_group_normalised_advantages_and_a_zero_variance_group(one_process):
     # group 1: rewards 1 0 0 1, mean 0.5, unbiased std sqrt(1/3) = 0.57735; group 2: all 2 -> advantage 0
     exp = experience([1, 0, 0, 1, 2, 2, 2, 2])
-    stats = grpo().prepare(exp, Ctx())
+    stats = grpo().prepare(exp, one_process)
     a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # 0.86588
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
     assert (exp.advantages == exp.advantages[:, :1]).all()  # one advantage per response, on every token
@@ -58,14 +46,14 @@ def test_grpo_group_normalised_advantages_and_a_zero_variance_group():
     assert stats["reward"] == pytest.approx(1.25) and stats["reward_std"] == pytest.approx(math.sqrt(1 / 3) / 2)
 
 
-def test_grpo_batch_and_no_reward_scaling():
+def test_grpo_batch_and_no_reward_scaling(one_process):
     # batch std of [1 0 0 1 2 2 2 2]: mean 1.25, squared deviations sum 5.5, / 7 -> std 0.886405
     exp = experience([1, 0, 0, 1, 2, 2, 2, 2])
-    grpo(scale_rewards="batch").prepare(exp, Ctx())
+    grpo(scale_rewards="batch").prepare(exp, one_process)
     a = 0.5 / (math.sqrt(5.5 / 7) + 1e-4)
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
     exp = experience([1, 0, 0, 1, 2, 2, 2, 2])
-    grpo(scale_rewards="none").prepare(exp, Ctx())  # Dr. GRPO: centred only
+    grpo(scale_rewards="none").prepare(exp, one_process)  # Dr. GRPO: centred only
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
 
 
@@ -127,33 +115,33 @@ def test_kl_term_is_k3_weighted_by_beta_and_absent_at_beta_zero():
     assert not without.uses_reference and without.loss(exp, batch)[0].item() == 0.0
 
 
-def test_mask_truncated_completions_leaves_them_out_of_the_loss():
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(one_process):
     exp = experience([1, 0, 0, 1], stopped=[True, False, True, True])
-    grpo(mask_truncated_completions=True).prepare(exp, Ctx())
+    grpo(mask_truncated_completions=True).prepare(exp, one_process)
     assert exp.loss_mask[1].sum() == 0 and exp.loss_mask[0].all()
     assert exp.advantages[1, 0] != 0  # it still counts in its group's statistics
 
 
-def test_rloo_leave_one_out_baseline():
+def test_rloo_leave_one_out_baseline(one_process):
     # group 1: 1 2 3 -> baselines 2.5, 2, 1.5 -> advantages -1.5, 0, 1.5; group 2: all 0 -> 0
     exp = experience([1, 2, 3, 0, 0, 0])
     exp.group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
-    RLOO(RLOOOptions(num_generations=3, beta=0.0), TRAINING, 3).prepare(exp, Ctx())
+    RLOO(RLOOOptions(num_generations=3, beta=0.0), TRAINING, 3).prepare(exp, one_process)
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
 
 
-def test_rloo_kl_in_the_reward_and_normalised_advantages():
+def test_rloo_kl_in_the_reward_and_normalised_advantages(one_process):
     exp = experience([1.0, 1.0], T=2)
     exp.group_ids = torch.tensor([0, 0])
     exp.old_logprobs = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     exp.ref_logprobs = torch.tensor([[-1.0, -1.0], [0.0, 0.0]])  # summed k1: 2 and 0
     algorithm = RLOO(RLOOOptions(num_generations=2, beta=0.5), TRAINING, 2)
-    algorithm.prepare(exp, Ctx())
+    algorithm.prepare(exp, one_process)
     # rewards 1 - 0.5 x 2 = 0 and 1 -> advantages 0 - 1 = -1 and 1 - 0 = +1
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([-1.0, 1.0]))
     exp = experience([1.0, 3.0, 0.0, 0.0], T=1)
     exp.group_ids = torch.tensor([0, 0, 1, 1])
-    RLOO(RLOOOptions(num_generations=2, beta=0.0, normalize_advantages=True), TRAINING, 1).prepare(exp, Ctx())
+    RLOO(RLOOOptions(num_generations=2, beta=0.0, normalize_advantages=True), TRAINING, 1).prepare(exp, one_process)
     # advantages -2, 2, 0, 0: mean 0, unbiased std sqrt(8 / 3)
     s = math.sqrt(8 / 3) + 1e-4
     torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([-2 / s, 2 / s, 0.0, 0.0]))
@@ -170,8 +158,8 @@ def test_rloo_ratio_is_per_response_and_the_loss_a_mean_over_responses():
     assert stats["clip_ratio/high_mean"].item() == 1.0
 
 
-def test_responses_of_a_prompt_must_be_whole_consecutive_groups():
+def test_responses_of_a_prompt_must_be_whole_consecutive_groups(one_process):
     exp = experience([1, 0, 0, 1])
     exp.group_ids = torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="consecutive"):
-        grpo().prepare(exp, Ctx())
+        grpo().prepare(exp, one_process)

@@ -85,9 +85,10 @@ def test_evaluate_equals_plain_forward(tmp_path, model):
 
 
 def micro_step(trainer, r, idx, old_logprobs, old_values, advantages, returns, tokens):
-    """The updater's micro-step on rows `idx` of `r` carrying these rollout tensors."""
+    """The updater's micro-step on rows `idx` of `r` carrying these rollout tensors (one process:
+    the mini-batch's token count is both the loss normaliser and the local count)."""
     r.old_logprobs, r.values, r.advantages, r.returns = old_logprobs, old_values, advantages, returns
-    return trainer.updater._micro_step(r, idx, trainer.algorithm, trainer._policy_forward, tokens, len(idx))
+    return trainer.updater._micro_step(r, idx, trainer.algorithm, trainer._policy_forward, (tokens, tokens), len(idx))
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
