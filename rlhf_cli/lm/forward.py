@@ -7,6 +7,8 @@ position ids count only real tokens, so left padding changes nothing (the same p
 right behind the decoder start token, is the decoder input.
 """
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -68,3 +70,30 @@ def supports_logits_to_keep(model) -> bool:
     inner = getattr(model, "module", model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+@contextmanager
+def head_at(model, positions: torch.Tensor):
+    """Within this block the model's output projection (LM head) sees only the hidden states at
+    `positions`, a (b, t) bool mask over the model's input columns, and the model returns logits
+    (1, N, V) for those N positions in row-major order. The LM head is often the largest matmul of a
+    small model, so a batch whose rows need log-probs at different columns (DPO's right-padded pairs)
+    projects only the positions it uses, not every padded column. The hook sits on the projection
+    itself, so what a model does to its logits afterwards (logit scaling, soft-capping) still
+    applies. With `logits_to_keep=k` the head receives the last k columns; the mask is cut to match.
+    Yields False (nothing hooked) for a model without a separate output projection."""
+    inner = getattr(model, "module", model)  # DDP
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+
+    def gather(module, args):
+        hidden = args[0]  # (b, k, H): the columns the model projects
+        return (hidden[positions[:, positions.shape[1] - hidden.shape[1]:]].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield True
+    finally:
+        handle.remove()

@@ -67,7 +67,8 @@ def test_padding_free_equals_padded_with_gradients(model):
 
 
 def test_logits_only_at_predicting_positions(model, monkeypatch):
-    """The LM head sees only the columns from the first response position on, not the prompt."""
+    """The LM head sees only the positions that predict a response token, in both layouts: not the
+    prompt, not a longer prompt's columns, not padding."""
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     try:
@@ -76,6 +77,52 @@ def test_logits_only_at_predicting_positions(model, monkeypatch):
             sequence_logps(model, DPOCollator(0, padding_free=True)([ROWS[0], ROWS[2]]))
     finally:
         hook.remove()
-    # padded: T = 9, first response column 3 -> columns 2..8 (7 of 9); padding-free: one position
-    # per response token (3 + 2 + 2 + 4)
-    assert seen[0][:2] == (4, 7) and seen[1][:2] == (1, 11)
+    # one position per response token (3 + 2 + 2 + 4), gathered into one row
+    assert seen[0][:2] == (1, 11) and seen[1][:2] == (1, 11)
+
+
+def tiny_real(name: str):
+    """Tiny random models of real architectures: tied embeddings and RoPE (Llama), a bias-free
+    untied head (Qwen2), a projection after the decoder (OPT) and soft-capped logits (Gemma 2, which
+    transforms the logits after the LM head: the gathered head must keep that)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, Qwen2Config
+
+    common = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = {
+        "llama": lambda: LlamaConfig(**common, intermediate_size=32, num_key_value_heads=1, tie_word_embeddings=True),
+        "qwen2": lambda: Qwen2Config(**common, intermediate_size=32, num_key_value_heads=2, tie_word_embeddings=False),
+        "opt": lambda: OPTConfig(**common, ffn_dim=32, word_embed_proj_dim=8, max_position_embeddings=32),
+        "gemma2": lambda: Gemma2Config(**common, intermediate_size=32, num_key_value_heads=1, head_dim=8,
+                                       final_logit_softcapping=0.5),
+    }[name]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "gemma2"])
+def test_real_architectures_give_the_by_hand_log_probs(name):
+    model = tiny_real(name)
+    out = sequence_logps(model, DPOCollator(pad_token_id=0)(ROWS))
+    want = [by_hand(model, r["prompt_input_ids"], r[f"{side}_input_ids"]) for side in ("chosen", "rejected") for r in ROWS]
+    assert out.logps.tolist() == pytest.approx(want, abs=1e-4)
+    out.logps.sum().backward()
+    assert all(p.grad is not None for p in model.get_output_embeddings().parameters())
+
+
+def test_a_model_without_logits_to_keep_gives_the_same_log_probs(model):
+    """The fallback: all columns computed, the head hook still projects only the predicting ones."""
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    batch = DPOCollator(pad_token_id=0)(ROWS)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(NoKeep(model), batch).logps, sequence_logps(model, batch).logps)
