@@ -1,5 +1,6 @@
 """Shared fixtures. Built-in artifacts (the tokenizer) are cached once per test session."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         [sys.executable, "-m", "rlhf_cli", *args],
         cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`rlhf ARGS` inside this process (no interpreter start, so monkeypatched faults reach the
+    stage): (exit status, stderr)."""
+    from rlhf_cli import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["rlhf", *args])
+    code = 0
+    try:
+        cli_module.main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        logging.getLogger().handlers.clear()  # stages install handlers that hold the captured stream
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture

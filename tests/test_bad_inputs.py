@@ -13,24 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 from rlhf_cli import cli as cli_module
 
 TINY = "builtin:tiny-gpt2"
 
-
-def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`rlhf ARGS` inside this process: (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["rlhf", *args])
-    code = 0
-    try:
-        cli_module.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        logging.getLogger().handlers.clear()  # stages install handlers that hold the captured stream
-    return code, capsys.readouterr().err
 
 
 def assert_user_error(code: int, stderr: str, *needles: str) -> str:

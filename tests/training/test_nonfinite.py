@@ -4,31 +4,18 @@ training.skip_nonfinite_batches, skips the batch and counts it as `nonfinite_ski
 with the fault injected by monkeypatching (user reward functions cannot return NaN: they exit 2)."""
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import run_in_process
 from safetensors.torch import load_file
 
-from rlhf_cli import cli as cli_module
 from rlhf_cli.training.metrics import read_metrics
 
 TINY = "builtin:tiny-gpt2"
 
-
-def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["rlhf", *args])
-    code = 0
-    try:
-        cli_module.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 0
-    finally:
-        logging.getLogger().handlers.clear()
-    return code, capsys.readouterr().err
 
 
 def poison_after(monkeypatch, owner, name: str, calls: int, value: float, wrap, times: int = 10**9):
