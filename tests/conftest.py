@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N`: the N workers share the machine's cores, so each worker (and every CLI run it
+    # starts) computes on one thread instead of each claiming all of them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup`, the tests that start from the session's SFT model run on
+    one worker, so that model is trained once, not once per worker."""
+    for item in items:
+        if "sft_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("sft_model"))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
