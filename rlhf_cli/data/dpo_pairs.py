@@ -25,9 +25,10 @@ import torch
 from datasets import Dataset
 
 from rlhf_cli.config.schema import DPODataConfig
+from rlhf_cli.data.chat_spans import chat_template
 from rlhf_cli.data.loading import require_columns
 from rlhf_cli.data.preferences import prompt_column
-from rlhf_cli.data.sft_format import _check_chat_template, _messages, _text
+from rlhf_cli.data.sft_format import _messages, _text
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def split_pair(row: dict, tokenizer, cfg: DPODataConfig, prompt_col: str | None,
     chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
     if isinstance(chosen, list) or isinstance(rejected, list):
         chosen, rejected = _messages(row, cfg.chosen_column, index), _messages(row, cfg.rejected_column, index)
-        _check_chat_template(tokenizer, needs_generation_tags=False)
+        chat_template(tokenizer)
         if prompt_col:
             prompt = _messages(row, prompt_col, index)
         else:

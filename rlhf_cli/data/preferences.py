@@ -28,8 +28,9 @@ import torch
 from datasets import Dataset
 
 from rlhf_cli.config.schema import RewardDataConfig
+from rlhf_cli.data.chat_spans import chat_template
 from rlhf_cli.data.loading import require_columns
-from rlhf_cli.data.sft_format import _check_chat_template, _messages, _text
+from rlhf_cli.data.sft_format import _messages, _text
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def pair_texts(row: dict, tokenizer, cfg: RewardDataConfig, prompt_col: str | No
 
 
 def _render_chat(messages: list[dict], tokenizer) -> str:
-    _check_chat_template(tokenizer, needs_generation_tags=False)
+    chat_template(tokenizer)
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 

@@ -8,26 +8,24 @@ Conventions shared by every format:
   checkpoints expect none. A chat template that writes a bos writes it itself.
 - text and prompt-completion end with the tokenizer's eos (unless the text already ends with it) so
   the model learns to stop; the eos is trained. For messages the chat template decides where turns
-  end (the built-in one puts eos inside the assistant's {% generation %} block).
+  end; the assistant's turns are found by the template's {% generation %} markers or, for the many
+  templates without them, by rendering the conversation's prefixes (chat_spans.py).
 - Sequences longer than `max_length` keep their first `max_length` tokens.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
-from jinja2 import TemplateError
 
 from rlhf_cli.config.schema import SFTDataConfig
+from rlhf_cli.data.chat_spans import assistant_mask, chat_template, render
 from rlhf_cli.errors import UserError
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "prompt-completion", "messages")
-# `{% generation %}`, `{%- generation -%}`, ... in a chat template: what return_assistant_tokens_mask needs.
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def detect_format(column_names: list[str], cfg: SFTDataConfig) -> str:
@@ -84,18 +82,14 @@ def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfi
         labels = _mask_labels(ids, trained) if cfg.completion_only_loss else list(ids)
     elif fmt == "messages":
         messages = _messages(row, cfg.messages_column, index)
-        _check_chat_template(tokenizer, needs_generation_tags=cfg.completion_only_loss)
-        try:
-            out = tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=cfg.completion_only_loss
-            )
-        except TemplateError as err:  # the template rejects the conversation (unknown role, bad order, ...)
-            raise UserError(
-                f"data row {index}: column {cfg.messages_column!r}: the chat template rejects these messages "
-                f"({err}); fix or remove the row."
-            ) from None
-        ids = list(out["input_ids"])
-        labels = _mask_labels(ids, out["assistant_masks"]) if cfg.completion_only_loss else list(ids)
+        chat_template(tokenizer)
+        where = f"data row {index}: column {cfg.messages_column!r}"
+        if cfg.completion_only_loss:  # the assistant's turns, for any prefix-preserving template (chat_spans.py)
+            ids, trained = assistant_mask(tokenizer, messages, where)
+            labels = _mask_labels(ids, trained)
+        else:
+            ids = render(tokenizer, messages, where)
+            labels = list(ids)
     else:
         raise ValueError(f"unknown SFT format {fmt!r}; expected one of {FORMATS}")
     # Truncation keeps the first max_length tokens (labels stay aligned with ids).
@@ -197,7 +191,7 @@ def _conversational_prompt_completion(row, tokenizer, cfg, index) -> tuple[list[
     """
     prompt = _messages(row, cfg.prompt_column, index)
     completion = _messages(row, cfg.completion_column, index)
-    _check_chat_template(tokenizer, needs_generation_tags=False)
+    chat_template(tokenizer)
     prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
     ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
     if ids[: len(prompt_ids)] != prompt_ids:
@@ -207,23 +201,6 @@ def _conversational_prompt_completion(row, tokenizer, cfg, index) -> tuple[list[
             "or put the whole conversation in data.messages_column."
         )
     return ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
-
-
-def _check_chat_template(tokenizer, needs_generation_tags: bool) -> None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: the default one is used
-        template = template.get("default")
-    if not template:
-        raise UserError(
-            "data: the rows hold messages but the tokenizer has no chat template; use a tokenizer with one "
-            "(e.g. the built-in tokenizer) or give the rows as text / prompt-completion."
-        )
-    if needs_generation_tags and not _GENERATION_TAG.search(template):
-        raise UserError(
-            "data: data.completion_only_loss is true but the tokenizer's chat template has no "
-            "{% generation %} markers, so the assistant tokens cannot be found; set "
-            "data.completion_only_loss: false or use a template with {% generation %}."
-        )
 
 
 def _column_key(cfg: SFTDataConfig, column: str) -> str:

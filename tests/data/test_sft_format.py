@@ -150,11 +150,15 @@ def test_messages_without_chat_template_is_a_user_error():
         tokenize_example(row, make_tokenizer(chat_template=None), "messages", cfg())
 
 
-def test_template_without_generation_markers_needs_completion_only_loss_false():
+def test_template_without_generation_markers_trains_the_assistant_turn_found_by_prefixes():
+    """No {% generation %} markers: the assistant's tokens are found by rendering the conversation's
+    prefixes (data/chat_spans.py; its own tests cover real templates). This template ignores
+    add_generation_prompt, so its "assistant: " header is part of the turn and trained too."""
     plain = make_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    with pytest.raises(UserError, match=r"completion_only_loss: false.*\{% generation %\}"):
-        tokenize_example(row, plain, "messages", cfg())
+    out = tokenize_example(row, plain, "messages", cfg())
+    assert out["input_ids"] == b("user: hi\nassistant: yo\n")
+    assert out["labels"] == [X] * len("user: hi\n") + b("assistant: yo\n")
     out = tokenize_example(row, plain, "messages", cfg(completion_only_loss=False))
     assert out["labels"] == out["input_ids"] == b("user: hi\nassistant: yo\n")
 

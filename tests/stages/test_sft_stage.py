@@ -214,6 +214,33 @@ def test_messages_through_the_chat_quickstart_config_with_gradient_checkpointing
     assert AutoModelForCausalLM.from_pretrained(out).config.use_cache
 
 
+def test_chat_quickstart_on_a_llama_folder_with_a_chatml_template_and_pad_equal_to_eos(data_dir, tmp_path):
+    """What a user brings: a local Llama-architecture folder (RoPE, tied embeddings) whose tokenizer has a
+    ChatML template without {% generation %} markers and pad == eos. Completion-only chat SFT finds the
+    assistant's turns by rendering prefixes (data/chat_spans.py), trains, and saves what transformers loads."""
+    from chat_templates import CHATML, with_chat_tokens
+    from transformers import LlamaConfig
+
+    tok = with_chat_tokens(load_tokenizer(TINY))
+    tok.chat_template, tok.eos_token, tok.pad_token = CHATML, "<|im_end|>", "<|im_end|>"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path / "llama-chatml"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "out"
+    sft(str(REPO / "configs" / "quickstart-sft-chat.yaml"), "--output-dir", str(out),
+        "--set", f"model.model_name_or_path={folder}", "--set", f"data.dataset_name={data_dir / 'review-chat'}",
+        "--set", "training.max_steps=3", "--set", "training.eval_steps=null", "--set", "data.max_eval_samples=16",
+        "--set", "training.per_device_train_batch_size=4")
+    train, _ = split_rows(read_metrics(out))
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded.chat_template == CHATML and reloaded.pad_token == reloaded.eos_token == "<|im_end|>"
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+
+
 @pytest.mark.slow
 def test_packing_keeps_examples_apart_and_fills_the_rows(data_dir, tmp_path):
     data = {"dataset_name": str(data_dir / "reviews"), "dataset_format": "text", "packing": True, "max_length": 128}
