@@ -23,9 +23,12 @@ from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl")  # files that say "a run lives here"
+# Files that say "a run lives here": a run that got going logs metrics (or, for `rlhf eval`, writes its
+# report; a finished stage its marker). config.yaml and run_info.json alone are what a start that failed
+# before training (a bad model path, say) leaves behind: that folder may be reused as it is.
+RUN_MARKERS = ("metrics.jsonl", "eval.json", "stage_complete.json")
 # What rlhf writes at the top of a folder: a folder with other files and none of these is not ours to delete.
-OUTPUT_FILES = (*RUN_MARKERS, "run_info.json", "stage_complete.json", "eval.json", "samples.jsonl", "recipe_runs.jsonl")
+OUTPUT_FILES = (*RUN_MARKERS, "config.yaml", "run_info.json", "samples.jsonl", "recipe_runs.jsonl")
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "tokenizers", "safetensors")
 
 

@@ -161,7 +161,7 @@ def test_user_errors_reward_win_rate_source_reference_vocabulary_earlier_run(tmp
     raw["eval"]["reference_model"] = "builtin:minilm"  # another tokenizer: token log-probs do not compare
     with pytest.raises(UserError, match="eval.reference_model: 'builtin:minilm' has another vocabulary"):
         run(build_stage("eval", raw))
-    (tmp_path / "eval" / "config.yaml").write_text("stage: eval\n")  # an earlier evaluation lives there
+    (tmp_path / "eval" / "eval.json").write_text("{}")  # an earlier evaluation lives there
     with pytest.raises(UserError, match="already holds a run.*--overwrite"):
         run(build_stage("eval", raw))
 

@@ -25,6 +25,26 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
         prepare_output_dir(out, resume=True, overwrite=True)
 
 
+def test_a_start_that_failed_before_training_is_not_a_run(monkeypatch, capsys, tmp_path):
+    """A bad model path exits 2 after config.yaml and run_info.json are written; the corrected command,
+    with no --overwrite, then runs in the same folder (it is not refused as "already holds a run")."""
+    from conftest import run_in_process
+
+    out = tmp_path / "out"
+    config = {"stage": "sft", "model": {"model_name_or_path": str(tmp_path / "no-such-model")},
+              "data": {"dataset_name": "builtin:reviews", "max_train_samples": 32, "dataset_test_split": None,
+                       "max_length": 32},
+              "training": {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 4}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, stderr = run_in_process(monkeypatch, capsys, "sft", str(path))
+    assert code == 2 and "no-such-model" in stderr, stderr[-2000:]
+    assert (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+    code, stderr = run_in_process(monkeypatch, capsys, "sft", str(path), "--set", "model.model_name_or_path=builtin:tiny-gpt2")
+    assert code == 0, stderr[-2000:]
+    assert read_metrics(out) and yaml.safe_load((out / "config.yaml").read_text())["model"]["model_name_or_path"] == "builtin:tiny-gpt2"
+
+
 def test_empty_existing_folder_is_fine(tmp_path):
     (tmp_path / "run").mkdir()
     prepare_output_dir(tmp_path / "run", resume=False, overwrite=False)
