@@ -5,8 +5,10 @@ Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback),
 
 import dataclasses
 import importlib
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -164,12 +166,25 @@ def candidate_stages(raw: dict) -> list[str]:
     return matching or list(STAGES)
 
 
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, print the full traceback as well (also: RLHF_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ["RLHF_DEBUG"] = "1"  # read by main(), and inherited by the processes a recipe starts
+
+
 def main() -> None:
-    """Entry point. Usage errors are click's (exit 2, with usage); user errors print one line (exit 2)."""
+    """Entry point. Usage errors are click's (exit 2, with usage); user errors print one line (exit 2),
+    then, for an exception raised in the user's code, that code's frames; `--debug` adds the full traceback."""
     try:
         app()
     except (UserError, NotBuiltYet) as err:
+        if os.environ.get("RLHF_DEBUG") == "1":
+            traceback.print_exception(err)
         typer.echo(f"error: {err}", err=True)
+        if getattr(err, "detail", None):
+            typer.echo(err.detail, err=True)
         sys.exit(err.exit_code)
     except Interrupted as err:  # SIGTERM / Ctrl-C: a checkpoint was saved; exit 128 + signal, as a shell does
         typer.echo(f"interrupted: {err} Resume with: {resume_command(sys.argv)}", err=True)

@@ -4,10 +4,27 @@
 class UserError(Exception):
     """A problem the user can fix (bad config, missing file, missing column, ...).
 
-    The message must name the key, file or row at fault and say how to fix it.
+    The message must name the key, file or row at fault and say how to fix it. `detail` (optional) is
+    printed under it: the frames of the user's own code for an exception raised there.
     """
 
     exit_code = 2
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+def user_frames(err: BaseException) -> str:
+    """The stack of `err` without the toolkit's own frames: where in the user's code (a reward
+    function, say) it was raised, most recent call last, as Python prints it."""
+    import traceback
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not str(Path(f.filename).resolve()).startswith(package)]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(err), err)
+    return "in your code (most recent call last):\n" + "".join(lines).rstrip()
 
 
 class NotBuiltYet(Exception):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, user_frames
 
 BUILTIN_FUNCTIONS = {
     "sentiment": ("rlhf_cli.builtin.sentiment", "sentiment_reward"),
@@ -55,7 +55,7 @@ class FunctionReward:
         try:
             values = self.fn(list(prompts), list(responses), **columns)
         except Exception as err:
-            raise UserError(f"{self.key}: {self.spec} raised {type(err).__name__}: {err}") from err
+            raise UserError(f"{self.key}: {self.spec} raised {type(err).__name__}: {err}", user_frames(err)) from err
         try:
             scores = [float(v) for v in values]
         except (TypeError, ValueError):

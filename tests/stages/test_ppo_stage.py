@@ -147,6 +147,32 @@ def test_reward_function_errors_exit_2(cli, tmp_path, write_yaml, function, mess
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_exception_in_the_reward_function_shows_the_users_frames(monkeypatch, capsys, tmp_path, write_yaml):
+    """Exit 2, one error line naming reward.function, then the frames of the user's module (not the
+    toolkit's), so the bug can be found; --debug adds the full traceback."""
+    from conftest import run_in_process
+
+    (tmp_path / "judge.py").write_text(textwrap.dedent("""\
+        def _grade(response):
+            return {"good": 1.0}[response[:1]]
+        def score(prompts, responses, **columns):
+            return [_grade(r) for r in responses]
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = str(write_yaml("ppo.yaml", ppo_config(tmp_path / "out")))
+    code, stderr = run_in_process(monkeypatch, capsys, "ppo", config, "--set", "reward.function=judge:score")
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: reward.function: judge:score raised KeyError"), errors
+    frames = stderr.split(errors[0], 1)[1]
+    assert frames.lstrip().startswith("in your code (most recent call last):")
+    assert 'judge.py", line 4, in score' in frames and 'judge.py", line 2, in _grade' in frames
+    assert "rlhf_cli" not in frames and frames.rstrip().splitlines()[-1] == "KeyError: 'a'"
+    code, stderr = run_in_process(monkeypatch, capsys, "--debug", "ppo", config, "--set", "reward.function=judge:score",
+                                  "--overwrite")
+    assert code == 2 and "Traceback (most recent call last)" in stderr and "rlhf_cli" in stderr
+
+
 def test_weighted_sources_reward_model_with_own_tokenizer_and_normalisation(cli, tmp_path, write_yaml):
     """Two sources: a rule (Python function) and a sequence-classification model with its own
     tokenizer (MiniLM's), normalised with saved statistics; each is logged, the sum is the score."""
