@@ -5,8 +5,8 @@ response token are projected onto the vocabulary: the model is called with `logi
 (transformers slices the hidden states before the LM head, so the prompt columns common to the batch
 never reach it) and a hook on the LM head gathers the predicting positions of every row (so neither
 a longer prompt's columns nor padding are projected; on the review pairs that is ~40% of the kept
-columns). The full-vocabulary logits of the prompt are never made. The log-softmax is computed in float32 as gathered logit - logsumexp, without
-a (N, V) log-softmax tensor; for float32 models the logits themselves are used, not a copy.
+columns). The log-softmax is computed in float32 as gathered logit - logsumexp, without a (N, V)
+log-softmax tensor; for float32 models the logits themselves are used, not a copy.
 """
 
 from __future__ import annotations
