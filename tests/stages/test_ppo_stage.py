@@ -168,6 +168,7 @@ def test_an_exception_in_the_reward_function_shows_the_users_frames(monkeypatch,
     assert frames.lstrip().startswith("in your code (most recent call last):")
     assert 'judge.py", line 4, in score' in frames and 'judge.py", line 2, in _grade' in frames
     assert "rlhf_cli" not in frames and frames.rstrip().splitlines()[-1] == "KeyError: 'a'"
+    monkeypatch.setenv("RLHF_DEBUG", "0")  # --debug sets it to 1: put back after the test
     code, stderr = run_in_process(monkeypatch, capsys, "--debug", "ppo", config, "--set", "reward.function=judge:score",
                                   "--overwrite")
     assert code == 2 and "Traceback (most recent call last)" in stderr and "rlhf_cli" in stderr
