@@ -18,14 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup`, the tests that start from the session's SFT model run on
-    one worker, so that model is trained once, not once per worker."""
-    for item in items:
-        if "sft_model" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("sft_model"))
-
-
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m rlhf_cli ARGS` as a user would, capturing output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -71,12 +63,20 @@ def write_yaml(tmp_path):
 def sft_model(tmp_path_factory) -> Path:
     """builtin:small-gpt2 taught the built-in reviews by the SFT quickstart config, cut to 100 steps
     (~45 s): a policy that writes review-like text, so RL tests start where real RLHF starts.
-    (tiny-gpt2, 0.4M parameters, is too small for a LoRA adapter to learn PPO on.)"""
-    out = tmp_path_factory.mktemp("sft") / "out"
-    result = run_cli("sft", str(REPO / "configs" / "quickstart-sft.yaml"), "--output-dir", str(out),
-                     "--set", "training.max_steps=100", "--set", "training.warmup_steps=10",
-                     "--set", "training.eval_steps=100", "--set", "data.max_eval_samples=64")
-    assert result.returncode == 0, result.stderr[-3000:]
+    (tiny-gpt2, 0.4M parameters, is too small for a LoRA adapter to learn PPO on.)
+    Trained once per test run: under `pytest -n N` the first worker to need it trains it into the
+    run's shared folder while the others wait on a lock, then all read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # .../pytest-N, this run's
+    out = shared / "sft-model" / "out"
+    with FileLock(str(shared / "sft-model.lock")):
+        if not (out / "model.safetensors").is_file():
+            result = run_cli("sft", str(REPO / "configs" / "quickstart-sft.yaml"), "--output-dir", str(out),
+                             "--overwrite", "--set", "training.max_steps=100", "--set", "training.warmup_steps=10",
+                             "--set", "training.eval_steps=100", "--set", "data.max_eval_samples=64")
+            assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
