@@ -83,6 +83,7 @@ def test_reward_functions_come_only_from_module_colon_callable(tmp_path, monkeyp
             import_callable(spec)
     (tmp_path / "judge.py").write_text("def score(prompts, responses, **columns):\n    return [1.0] * len(responses)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "judge", raising=False)  # this file's judge, not one an earlier test imported
     fn = import_callable("judge:score")
     assert fn(["p"], ["r"]) == [1.0]
 

@@ -79,7 +79,10 @@ def test_save_pretrained_reloads_with_plain_transformers(name, tmp_path):
     reloaded, reloaded_tokenizer = auto_class.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     assert type(reloaded) is type(model)
     assert reloaded_tokenizer(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
-    assert torch.equal(run(model, tokenizer), run(reloaded, reloaded_tokenizer))
+    assert same_weights(weights(model), weights(reloaded))  # bit for bit
+    # the outputs to float32 rounding: the reloaded weights sit in other memory (safetensors maps the
+    # file), where the BLAS library may take another kernel (seen: 4e-9 apart on MiniLM's head)
+    torch.testing.assert_close(run(model, tokenizer), run(reloaded, reloaded_tokenizer), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "small-gpt2", "tiny-t5"])

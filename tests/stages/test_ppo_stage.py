@@ -152,7 +152,8 @@ def test_an_exception_in_the_reward_function_shows_the_users_frames(monkeypatch,
     toolkit's), so the bug can be found; --debug adds the full traceback."""
     from conftest import run_in_process
 
-    (tmp_path / "judge.py").write_text(textwrap.dedent("""\
+    # a module name of its own: an imported module stays in sys.modules for the worker's later tests
+    (tmp_path / "sleepy_judge.py").write_text(textwrap.dedent("""\
         def _grade(response):
             return {"good": 1.0}[response[:1]]
         def score(prompts, responses, **columns):
@@ -160,16 +161,16 @@ def test_an_exception_in_the_reward_function_shows_the_users_frames(monkeypatch,
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
     config = str(write_yaml("ppo.yaml", ppo_config(tmp_path / "out")))
-    code, stderr = run_in_process(monkeypatch, capsys, "ppo", config, "--set", "reward.function=judge:score")
+    code, stderr = run_in_process(monkeypatch, capsys, "ppo", config, "--set", "reward.function=sleepy_judge:score")
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: reward.function: judge:score raised KeyError"), errors
+    assert len(errors) == 1 and errors[0].startswith("error: reward.function: sleepy_judge:score raised KeyError"), errors
     frames = stderr.split(errors[0], 1)[1]
     assert frames.lstrip().startswith("in your code (most recent call last):")
-    assert 'judge.py", line 4, in score' in frames and 'judge.py", line 2, in _grade' in frames
+    assert 'sleepy_judge.py", line 4, in score' in frames and 'sleepy_judge.py", line 2, in _grade' in frames
     assert "rlhf_cli" not in frames and frames.rstrip().splitlines()[-1] == "KeyError: 'a'"
     monkeypatch.setenv("RLHF_DEBUG", "0")  # --debug sets it to 1: put back after the test
-    code, stderr = run_in_process(monkeypatch, capsys, "--debug", "ppo", config, "--set", "reward.function=judge:score",
+    code, stderr = run_in_process(monkeypatch, capsys, "--debug", "ppo", config, "--set", "reward.function=sleepy_judge:score",
                                   "--overwrite")
     assert code == 2 and "Traceback (most recent call last)" in stderr and "rlhf_cli" in stderr
 
