@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
@@ -30,17 +30,17 @@ def mixed_precision(training: TrainingConfig) -> str:
 
 def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
     """One Accelerator per run. Gradient accumulation is done by the loop itself (it needs the
-    token count of the whole accumulated batch to normalise the loss)."""
+    token count of the whole accumulated batch to normalise the loss). The trackers of
+    training.report_to are named here and started once the output folder is ready
+    (training/trackers.py); tensorboard writes under <output_dir>/tensorboard."""
     precision = mixed_precision(training)
     cpu = not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         log_with=list(training.report_to) or None,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
-    if training.report_to:
-        accelerator.init_trackers(training.run_name or output_dir.name)
     set_seed(training.seed)
     return accelerator
 

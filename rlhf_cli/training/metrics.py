@@ -5,6 +5,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.training.trackers import log_to_trackers
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
@@ -32,7 +34,7 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.accelerator is not None and self.accelerator.trackers:
-            self.accelerator.log(metrics, step=step)
+            log_to_trackers(self.accelerator, metrics, step)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (they belong to work the resumed run will redo)."""
