@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import metadata_load
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -73,6 +74,8 @@ def test_cli_end_to_end_full_weights(cli, tmp_path):
     assert not EVAL_METRICS - set(evals[-1]) and train[-1]["num_pairs"] == 16
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
+    card = metadata_load(out / "README.md")  # the model card's header, as the Hub reads it
+    assert card["tags"] == ["rlhf", "dpo"] and card["library_name"] == "transformers"
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -61,6 +62,8 @@ def test_cli_end_to_end(cli, tmp_path, stage):
     assert {"step", "prompt", "response", "score"} <= samples[0].keys()
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
     assert model.config.model_type == "gpt2"
+    card = metadata_load(out / "README.md")  # the model card's header, as the Hub reads it
+    assert card["tags"] == ["rlhf", stage] and card["pipeline_tag"] == "text-generation"
     assert f"{stage} 4/4" in result.stderr or "step 4/4" in result.stderr
 
 

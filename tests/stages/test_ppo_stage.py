@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import metadata_load
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_cli.models.value_head import ValueHead
@@ -75,6 +76,8 @@ def test_ppo_end_to_end_writes_what_a_user_needs(cli, tmp_path, write_yaml):
     assert generated.shape[1] > 2
     head = ValueHead.load(out)
     assert head is not None and head.summary.in_features == model.config.n_embd
+    card = metadata_load(out / "README.md")  # the model card's header, as the Hub reads it
+    assert card["tags"] == ["rlhf", "ppo"] and card["library_name"] == "transformers"
     # the resolved config reproduces the run
     rerun = cli("validate", str(out / "config.yaml"))
     assert rerun.returncode == 0, rerun.stderr

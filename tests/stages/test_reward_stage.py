@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from huggingface_hub import metadata_load
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_cli.config.schema import RewardModelConfig
@@ -247,6 +248,8 @@ def test_cli_end_to_end(cli, tmp_path, write_yaml):
     # the folder is a plain transformers reward model that scores as the run did
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id == load_tokenizer(str(out)).pad_token_id
+    card = metadata_load(out / "README.md")  # the model card's header, as the Hub reads it
+    assert card["tags"] == ["rlhf", "reward-model"] and card["pipeline_tag"] == "text-classification"
 
 
 LOCAL_LORA = """\

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
+from huggingface_hub import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,6 +138,11 @@ def test_text_run_writes_config_run_info_metrics_checkpoint_and_samples(text_run
     assert [s["prompt"] for s in samples] == test_prompts
     assert all(s["step"] == 6 and isinstance(s["response"], str) for s in samples)
     assert "sample 1: [" in result.stderr
+
+    # the model card: a header the Hub reads, and the run's final figures
+    card = metadata_load(out / "README.md")
+    assert card["tags"] == ["rlhf", "sft"] and card["pipeline_tag"] == "text-generation"
+    assert f"| `eval_loss` | {evals[-1]['eval_loss']:.4g} | 6 |" in (out / "README.md").read_text()
 
 
 def test_final_model_loads_with_plain_transformers_and_generates(text_run):
