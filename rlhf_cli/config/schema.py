@@ -7,6 +7,7 @@ from typing import Any
 
 from rlhf_cli.config.fields import option, section
 from rlhf_cli.config.sections import (
+    AlarmOptions,
     DataConfig,
     GenerationConfig,
     ModelConfig,
@@ -105,7 +106,7 @@ class RewardTrainingConfig:
 
 
 @dataclass
-class PPOOptions:
+class PPOOptions(AlarmOptions):
     total_episodes: int = option(1024, "Responses generated and trained on in the whole run.", min=1)
     num_ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
     num_mini_batches: int = option(1, "Mini-batches each rollout batch is split into per epoch.", min=1)
@@ -145,8 +146,9 @@ class PPOOptions:
 
 
 @dataclass
-class GroupOptions:
-    """What GRPO and RLOO share: groups of responses per prompt, TRL's key names where TRL has them."""
+class GroupOptions(AlarmOptions):
+    """What GRPO and RLOO share: groups of responses per prompt, TRL's key names where TRL has them (and the
+    reward-hacking alarms every online stage has)."""
 
     total_episodes: int = option(1024, "Responses generated and trained on in the whole run.", min=1)
     num_generations: int = option(

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf_cli.evaluation.sampling import Samples
+from rlhf_cli.online.alarms import describe
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -61,7 +62,26 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     ]
     if settings["perplexity_dataset"] is not None:
         rows.append(("perplexity", [_fmt(m["perplexity"], 2) for m in models]))
+    if any(m.get("training_alarms") for m in models):
+        rows.append(("training alarms", [_alarm_cell(m.get("training_alarms")) for m in models]))
     return rows
+
+
+def _alarm_cell(record: dict | None) -> str:
+    """The reward-hacking alarms of a model's training run, short: `kl@12, length_collapse@7`; `-`: no record."""
+    if record is None:
+        return "-"
+    cells = [f"{e['alarm']}@{e['step']}" for e in record["events"] if e["event"] == "fired"]
+    if record.get("stopped"):
+        cells.append(f"stopped@{record['stopped']['step']}")
+    return ", ".join(cells) or "none"
+
+
+def alarm_lines(report: dict) -> list[str]:
+    """One line per model whose training run raised a reward-hacking alarm or was stopped by a rule."""
+    return [f"{label}: reward-hacking alarms during training: {describe(m['training_alarms'])}"
+            for label, m in report["models"].items()
+            if m.get("training_alarms") and (m["training_alarms"]["events"] or m["training_alarms"].get("stopped"))]
 
 
 def print_table(report: dict, console: Console | None = None) -> None:
@@ -87,3 +107,5 @@ def print_table(report: dict, console: Console | None = None) -> None:
         if not console.is_terminal:  # a log file or a pipe: no screen to wrap at 80 columns
             console = Console(width=160)
     console.print(table)
+    for line in alarm_lines(report):
+        console.print(line, markup=False, highlight=False)

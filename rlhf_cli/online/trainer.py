@@ -24,6 +24,7 @@ from rlhf_cli.lm.masking import lengths_to_mask, trailing_pad_lengths, truncate_
 from rlhf_cli.lm.sampler import HFSampler
 from rlhf_cli.models.policy import reference_mode
 from rlhf_cli.models.value_head import PolicyWithValue
+from rlhf_cli.online.alarms import AlarmMonitor
 from rlhf_cli.online.algorithm import Algorithm
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.updater import NonFiniteBatch, Updater
@@ -40,8 +41,10 @@ def rollout_rows(training, algorithm: Algorithm) -> int:
 
 class OnlineTrainer:
     def __init__(self, config, algorithm: Algorithm, total_episodes: int, model: PolicyWithValue, tokenizer,
-                 accelerator, reference=None, rollout_forward_batch_size: int = 64, num_generations: int = 1):
+                 accelerator, reference=None, rollout_forward_batch_size: int = 64, num_generations: int = 1,
+                 alarms: AlarmMonitor | None = None):
         self.config, self.algorithm, self.tokenizer, self.accelerator = config, algorithm, tokenizer, accelerator
+        self.alarms = alarms  # the run's reward-hacking alarms (online/alarms.py): their state is checkpointed here
         self.temperature = config.generation.temperature
         self.forward_batch_size, self.num_generations = rollout_forward_batch_size, num_generations
         self.batch_size = rollout_rows(config.training, algorithm)
@@ -298,14 +301,19 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:
-        return {"episode": self.episode, **self.algorithm.state_dict(), "nonfinite_skips": self.nonfinite_skips,
-                "fp16_overflow_skips": self.fp16_overflow_skips}
+        state = {"episode": self.episode, **self.algorithm.state_dict(), "nonfinite_skips": self.nonfinite_skips,
+                 "fp16_overflow_skips": self.fp16_overflow_skips}
+        if self.alarms is not None:
+            state["alarms"] = self.alarms.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.episode = state["episode"]
         self.algorithm.load_state_dict(state)
         self.updater.nonfinite_skips = state.get("nonfinite_skips", 0)
         self.updater.fp16_overflow_skips = state.get("fp16_overflow_skips", 0)
+        if self.alarms is not None and "alarms" in state:  # (checkpoints from before the alarms start them afresh)
+            self.alarms.load_state_dict(state["alarms"])
 
 
 __all__ = ["NonFiniteBatch", "OnlineTrainer", "rollout_rows"]

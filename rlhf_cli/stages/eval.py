@@ -25,6 +25,7 @@ from rlhf_cli.evaluation.sampling import (
     sample_model,
 )
 from rlhf_cli.lm.generation import encode_prompt_set
+from rlhf_cli.online.alarms import read_alarms
 from rlhf_cli.rewards.combined import CombinedReward
 from rlhf_cli.training.metrics import read_metrics
 from rlhf_cli.training.output import prepare_output_dir, write_run_files
@@ -139,6 +140,7 @@ def run(config: EvalConfig, resume: bool = False, overwrite: bool = False) -> No
         label = labels[name]
         results[label] = {"model": name, **summarise(parts, combined, samples.lengths, samples.stopped,
                                                      samples.responses, samples.kls)}
+        results[label]["training_alarms"] = read_alarms(name)  # an online run's reward-hacking alarms, if any
         results[label]["perplexity"] = (
             held_out_perplexity(lm, texts, min(config.data.max_length, lm.tokenizer.model_max_length), opts.batch_size)
             if texts is not None else None

@@ -47,6 +47,11 @@ class RunCadence:
                 self.close()
                 raise signals.Interrupted(stop, step, saved)
 
+    def finish_at(self, step: int) -> None:
+        """Make `step` the run's last (a stopping rule ended it early): `after_step(step, ...)` then logs it
+        and leaves its evaluation and checkpoint to the caller's normal end, as for the planned last step."""
+        self.total = step
+
     def fail(self, message: str) -> UserError:
         """Tear down and return the error to raise (a fault that stops the run)."""
         self.close()
