@@ -5,11 +5,13 @@ from typing import Any
 
 from rlhf_cli.config.sections import GenerationConfig, RewardSourceConfig, TrainingConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.training.trackers import check_installed
 
 
 def check_training(training: TrainingConfig) -> None:
     if training.bf16 and training.fp16:
         raise UserError("training.bf16 and training.fp16 are both true; choose at most one.")
+    check_installed(training.report_to)  # before any training: accelerate would drop a missing one silently
 
 
 # half-precision weights and the mixed-precision flag that gives the same compute with float32 weights
@@ -143,6 +145,8 @@ def check_stage(stage: str, config: Any) -> None:
             )
     if stage in ("grpo", "rloo"):
         check_groups(stage, getattr(config, stage), config.training)
+    if stage in ("ppo", "grpo", "rloo"):
+        check_stop_rules(stage, getattr(config, stage), config.reward)
 
 
 def check_groups(stage: str, options: Any, training: TrainingConfig) -> None:
@@ -164,3 +168,20 @@ def check_groups(stage: str, options: Any, training: TrainingConfig) -> None:
         raise UserError(
             f"{stage}.total_episodes ({options.total_episodes}) is smaller than one rollout batch ({rollout})."
         )
+
+
+def check_stop_rules(stage: str, options: Any, reward: Any) -> None:
+    """A stopping rule whose alarm cannot fire would never stop the run: say so (online/alarms.py)."""
+    if options.stop_on_kl is not None and stage != "ppo" and options.beta == 0:
+        raise UserError(f"{stage}.stop_on_kl needs a KL to watch, and {stage}.beta is 0 (no reference model); "
+                        f"set {stage}.beta > 0 or remove stop_on_kl.")
+    if options.stop_on_length_collapse and options.alarm_length_fraction == 0 and options.alarm_length_tokens == 0:
+        raise UserError(f"{stage}.stop_on_length_collapse is true but the length alarm is off "
+                        f"({stage}.alarm_length_fraction and alarm_length_tokens are 0); turn one of them on.")
+    if options.stop_on_reward_divergence:
+        if options.alarm_divergence_sigma is None:
+            raise UserError(f"{stage}.stop_on_reward_divergence is true but {stage}.alarm_divergence_sigma is null "
+                            "(the divergence alarm is off); give it a value.")
+        if not any(source.weight == 0 for source in (reward.sources or [reward])):
+            raise UserError(f"{stage}.stop_on_reward_divergence compares the optimised reward with a monitored one: "
+                            "add a reward source with weight: 0 (e.g. the gold scorer) to reward.sources.")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from rlhf_cli.config.fields import option
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 @dataclass
@@ -33,6 +34,13 @@ class ModelConfig:
     )
     trust_remote_code: bool = option(
         False, "Run modelling code shipped with a Hub model. Off by default; announced when on."
+    )
+    attn_implementation: str | None = option(
+        None,
+        "Attention kernel: `eager`, `sdpa` (PyTorch's fused attention), `flash_attention_2` (needs the "
+        "flash-attn package and a CUDA GPU) or `flex_attention`; null: transformers' default for the "
+        "architecture (sdpa where it supports it). Recorded in run_info.json with the dtype the weights loaded in.",
+        choices=ATTN_IMPLEMENTATIONS,
     )
 
 
@@ -113,8 +121,12 @@ class TrainingConfig:
     fp16: bool = option(False, "Train in float16 mixed precision (CUDA only).")
     report_to: list[str] = option(
         [],
-        "Extra trackers through accelerate: any of tensorboard, wandb. metrics.jsonl is always written.",
-        choices=("tensorboard", "wandb"),
+        "Experiment trackers (through accelerate) that also get the metrics.jsonl rows, and the resolved config "
+        "as hyper-parameters; metrics.jsonl is always written. They write under output_dir unless their own "
+        "variables say otherwise: tensorboard/, wandb/ (WANDB_DIR; WANDB_MODE=offline to use no server), mlruns/ "
+        "(MLFLOW_TRACKING_URI); trackio writes to TRACKIO_DIR (default $HF_HOME/trackio). Install them with "
+        "`pip install 'rlhf-cli[trackers]'` (docs/trackers.md).",
+        choices=("tensorboard", "wandb", "mlflow", "trackio"),
     )
     run_name: str | None = option(None, "Name of the run for trackers (default: the output folder's name).")
 
@@ -161,3 +173,46 @@ class RewardSourceConfig:
     )
     weight: float = option(1.0, "Weight of this source in the combined reward.")
     batch_size: int = option(32, "Responses scored per forward pass.", min=1)
+
+
+@dataclass
+class AlarmOptions:
+    """Reward-hacking alarms and stopping rules of the online stages (ppo, grpo, rloo): rlhf_cli/online/alarms.py,
+    docs/ppo.md (Reward hacking alarms)."""
+
+    alarm_window: int = option(
+        5,
+        "Iterations the reward-hacking alarms average: the first alarm_window iterations are the baseline, "
+        "the latest ones are compared with it.",
+        min=2,
+    )
+    alarm_length_fraction: float = option(
+        0.5,
+        "Length alarm when the mean response length falls below this fraction of the baseline's; 0 turns it off.",
+        min=0.0, max=1.0,
+    )
+    alarm_length_tokens: float = option(
+        2.0,
+        "Length alarm also when the mean response length (stop token included) falls to this many tokens from a "
+        "longer baseline; 0 turns it off.",
+        min=0.0,
+    )
+    alarm_kl: float | None = option(
+        20.0, "KL alarm when the mean KL to the reference (nats per response) exceeds this; null turns it off.",
+        greater_than=0.0,
+    )
+    alarm_divergence_sigma: float | None = option(
+        4.0,
+        "Divergence alarm (with a weight-0 reward source): standard errors that make a change of a reward clear. "
+        "It fires when the optimised reward rose this much and the monitored one did not follow, or the monitored "
+        "one fell this much from its best while the optimised held (docs/ppo.md); null turns it off.",
+        greater_than=0.0,
+    )
+    stop_on_kl: float | None = option(
+        None, "Stop the run (final save, exit 0) when the mean KL (nats per response) exceeds this; null: never.",
+        greater_than=0.0,
+    )
+    stop_on_length_collapse: bool = option(False, "Stop the run (final save, exit 0) when the length alarm fires.")
+    stop_on_reward_divergence: bool = option(
+        False, "Stop the run (final save, exit 0) when the divergence alarm fires (needs a weight-0 reward source)."
+    )

@@ -124,8 +124,9 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     under softmax(logits / temperature) over the whole vocabulary and the value of the position that
     sampled it -- what a separate no-grad forward of the policy over the rollout would compute.
 
-    Causal LMs only. Two hooks watch `generate`'s own forward passes: one on the transformer body
-    keeps the value of the last position's final hidden state (B,), one on the LM keeps the
+    Causal LMs only. Hooks watch `generate`'s own forward passes: one on the LM head's input keeps
+    the value of the last position's final hidden state (B,) -- the state the logits come from, which
+    is not the body's output where the model projects it first (OPT) -- and two on the LM keep the
     log-normaliser of the last position's logits (B,) and, one step later, when the sampled token
     comes back as the next input, that token's scaled logit. Memory: one (B, V) row of logits at a
     time, never (B, T, V). Returns (responses (B, T), logprobs (B, T) float32, values (B, T)
@@ -133,13 +134,11 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     the tokens returned.
     """
     inner = innermost_model(model)
-    body = inner.base_model
     lse, picked, values = [], [], []
     last = {}
 
-    def on_body(module, args, kwargs, output):
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        values.append(value_head(hidden[:, -1]).float())
+    def before_head(module, args):  # args[0]: (B, t, H) final hidden states, t = 1 once the cache is warm
+        values.append(value_head(args[0][:, -1]).float())
 
     def before_lm(module, args, kwargs):
         if "scaled" in last:  # this step's input is the token sampled from the previous step's logits
@@ -157,7 +156,7 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     handles = [inner.register_forward_pre_hook(before_lm, with_kwargs=True),
                inner.register_forward_hook(after_lm, with_kwargs=True)]
     if value_head is not None:
-        handles.append(body.register_forward_hook(on_body, with_kwargs=True))
+        handles.append(inner.get_output_embeddings().register_forward_pre_hook(before_head))
     try:
         responses = sample_responses(model, query_ids, query_mask)
     finally:

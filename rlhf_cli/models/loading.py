@@ -105,6 +105,7 @@ def load_model(
     seed: int = 0,
     num_labels: int | None = 1,
     *,
+    attn_implementation: str | None = None,
     is_trainable: bool = False,
     config_key: str = DEFAULT_KEY,
 ) -> PreTrainedModel:
@@ -116,13 +117,17 @@ def load_model(
     classification head) without touching the global RNG. `num_labels` only matters for
     sequence-classification: 1 is the scalar head of a reward model; None keeps the head of a
     saved classifier as it is (e.g. a 2-label sentiment model). `is_trainable` only matters
-    for an adapter folder: False loads the adapter frozen for inference.
+    for an adapter folder: False loads the adapter frozen for inference. `attn_implementation`
+    (eager, sdpa, ...): None keeps transformers' default for the architecture.
     """
     if task not in AUTO_CLASSES:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(AUTO_CLASSES)}")
     torch_dtype = _parse_dtype(dtype)
     if name_or_path.startswith(PREFIX):
         model, _ = build_builtin(name_or_path, task, seed=seed, num_labels=num_labels)
+        if attn_implementation:
+            with _attention_errors(attn_implementation):
+                model.set_attn_implementation(attn_implementation)
         return fuse_activations(model if torch_dtype == "auto" else model.to(torch_dtype))
     base = _adapter_base(name_or_path, config_key)
     if base is not None:
@@ -130,16 +135,33 @@ def load_model(
             num_labels = _adapter_head_rows(name_or_path)  # the base model alone cannot tell
         base_model = load_model(
             base, task, dtype, trust_remote_code, revision=_read_adapter_config(name_or_path).get("revision"),
-            seed=seed, num_labels=num_labels, config_key=_base_key(name_or_path),
+            seed=seed, num_labels=num_labels, attn_implementation=attn_implementation,
+            config_key=_base_key(name_or_path),
         )
         return _attach_adapter(base_model, name_or_path, is_trainable)
     _announce_remote_code(trust_remote_code, name_or_path)
     extra = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
-    with _as_user_error(name_or_path, config_key, f"a {task} model"), torch.random.fork_rng(devices=[]):
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    with (_as_user_error(name_or_path, config_key, f"a {task} model"), _attention_errors(attn_implementation),
+          torch.random.fork_rng(devices=[])):
         torch.manual_seed(seed)
         return fuse_activations(AUTO_CLASSES[task].from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
         ))
+
+
+def model_options(model_cfg) -> dict:
+    """load_model's keyword arguments from a stage's `model` section."""
+    return {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code,
+            "revision": model_cfg.revision, "attn_implementation": model_cfg.attn_implementation}
+
+
+def describe_model(model) -> dict:
+    """What was loaded, for run_info.json: class, dtype and the attention kernel in use."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"class": type(inner).__name__, "dtype": str(inner.dtype).removeprefix("torch."),
+            "attn_implementation": getattr(inner.config, "_attn_implementation", None)}
 
 
 def float32_master_weights(model: PreTrainedModel) -> PreTrainedModel:
@@ -264,6 +286,22 @@ def _as_user_error(name_or_path: str, config_key: str, what: str) -> Iterator[No
         yield
     except (OSError, ValueError) as error:
         raise UserError(_explain(name_or_path, config_key, what, error)) from error
+
+
+@contextlib.contextmanager
+def _attention_errors(attn_implementation: str | None) -> Iterator[None]:
+    """An attention kernel that is not installed (flash-attn) or that the architecture does not
+    support: one UserError naming model.attn_implementation instead of transformers' traceback."""
+    try:
+        yield
+    except (ImportError, ValueError) as error:
+        message = str(error).lower()
+        if not attn_implementation or not ("attn" in message or "attention" in message):
+            raise
+        detail = " ".join(str(error).split())[:300]
+        raise UserError(
+            f"model.attn_implementation: {attn_implementation!r} cannot be used with this model here: {detail}"
+        ) from error
 
 
 def _explain(name_or_path: str, config_key: str, what: str, error: Exception) -> str:

@@ -12,7 +12,7 @@ from rlhf_cli.config.sections import ModelConfig, PeftConfig
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import apply_lora
 from rlhf_cli.models.dropout import disable_dropout
-from rlhf_cli.models.loading import float32_master_weights, load_model
+from rlhf_cli.models.loading import float32_master_weights, load_model, model_options
 from rlhf_cli.models.value_head import PolicyWithValue, ValueHead, hidden_size
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,15 @@ def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+def refuse_encoder_decoder(model_cfg: ModelConfig, stage: str) -> None:
+    """`rlhf sft` and `rlhf dpo` train causal LMs. An encoder-decoder (T5, BART) is refused by name:
+    transformers would otherwise load BART's decoder alone as BartForCausalLM and train half a model."""
+    name = model_cfg.model_name_or_path
+    if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision):
+        raise UserError(f"model.model_name_or_path: {name} is an encoder-decoder model; rlhf {stage} trains causal "
+                        "LMs (encoder-decoders train with rlhf ppo, grpo, rloo, and as reward models).")
+
+
 def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None,
                 with_value: bool = True, with_reference: bool = True):
     """(PolicyWithValue, reference or None). `with_value`: a value head (or the `critic`) for
@@ -51,8 +60,7 @@ def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic:
     """
     name = model_cfg.model_name_or_path
     task = "seq2seq-lm" if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision) else "causal-lm"
-    common = {"task": task, "dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code,
-              "revision": model_cfg.revision, "seed": seed}
+    common = {"task": task, "seed": seed, **model_options(model_cfg)}
     policy = load_model(name, is_trainable=True, **common)
     from_adapter_folder = hasattr(policy, "peft_config")
     adapter = from_adapter_folder
@@ -122,9 +130,9 @@ def reference_mode(policy) -> Iterator[None]:
 
 def load_critic(name: str, model_cfg: ModelConfig, seed: int):
     """A separate critic initialised from a reward model: its backbone and its score head as the value head."""
-    classifier = load_model(name, task="sequence-classification", num_labels=1, dtype=model_cfg.dtype,
-                            trust_remote_code=model_cfg.trust_remote_code, seed=seed,
-                            config_key="ppo.value_model_name_or_path")
+    options = {**model_options(model_cfg), "revision": None}  # the critic's own name, not the policy's revision
+    classifier = load_model(name, task="sequence-classification", num_labels=1, seed=seed,
+                            config_key="ppo.value_model_name_or_path", **options)
     if hasattr(classifier, "merge_and_unload"):
         classifier = classifier.merge_and_unload()
     backbone = float32_master_weights(classifier.base_model)  # the critic trains all its weights

@@ -15,6 +15,13 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def hidden_size(model) -> int:
+    """The width of the hidden state a value head reads: the input width of the model's own head (the
+    LM head, or a classifier's `score`), which is not config.hidden_size where the model projects its
+    last hidden state first (OPT's word_embed_proj_dim); else the config's hidden size."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head if head is not None else getattr(model, "score", None)
+    if isinstance(getattr(head, "weight", None), torch.Tensor):
+        return head.weight.shape[-1]
     config = model.config
     for name in ("hidden_size", "d_model", "n_embd"):
         if getattr(config, name, None):

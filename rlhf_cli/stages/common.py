@@ -8,19 +8,24 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from rlhf_cli.config.loader import to_dict
 from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.loading import describe_model
 from rlhf_cli.training.accel import make_accelerator
 from rlhf_cli.training.checkpoint import resume_checkpoint, set_aside_damaged
 from rlhf_cli.training.metrics import MetricsWriter
+from rlhf_cli.training.model_card import write_model_cards
 from rlhf_cli.training.output import (
     check_output_path,
     check_resume_config,
     keep_previous_config,
     prepare_output_dir,
+    record_loaded_model,
     write_run_files,
 )
 from rlhf_cli.training.progress import setup_logging
+from rlhf_cli.training.trackers import close_trackers, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,8 @@ class Run:
     output_dir: Path
     metrics: MetricsWriter
     resume_from: Path | None
+    stage: str = ""
+    config: Any = None  # the stage's config: finish_run writes the model card from it
 
 
 # The CLI's --allow-config-change for the stage it runs (the stages call start_run without it).
@@ -53,7 +60,7 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
     skipped), check the config against the run's, write config.yaml, build the accelerator."""
     allow = ALLOW_CONFIG_CHANGE if allow_config_change is None else allow_config_change
     output_dir = Path(config.training.output_dir)
-    check_output_path(output_dir)  # before the accelerator, whose trackers may create folders there
+    check_output_path(output_dir)  # before the accelerator: every process reads it before anything is created
     accelerator = make_accelerator(config.training, output_dir)
     setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -88,8 +95,11 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         log.info("rlhf %s -> %s (%d process%s, %s)", stage, output_dir, accelerator.num_processes,
                  "es" if accelerator.num_processes > 1 else "", accelerator.device)
+    # the trackers write into the folder, so they start once it is ready (--overwrite has emptied it)
+    start_trackers(accelerator, output_dir, config.training.run_name or output_dir.name,
+                   config.training.report_to, to_dict(stage, config))
     metrics = MetricsWriter(output_dir, accelerator, enabled=accelerator.is_main_process)
-    return Run(accelerator, output_dir, metrics, resume_from)
+    return Run(accelerator, output_dir, metrics, resume_from, stage, config)
 
 
 def check_process_count(checkpoint: Path, processes: int) -> None:
@@ -107,10 +117,19 @@ KEEP_PROCESS_GROUP = False
 
 
 def finish_run(run: Run) -> None:
-    """Close trackers and the process group (a process can abort at exit otherwise; see DESIGN.md)."""
+    """Write the model card (the stage has saved its model), close trackers and the process group (a
+    process can abort at exit otherwise; see DESIGN.md)."""
+    if run.accelerator.is_main_process and run.config is not None:
+        write_model_cards(run.output_dir, run.stage, run.config, run.accelerator.num_processes)
     run.accelerator.wait_for_everyone()
-    if KEEP_PROCESS_GROUP:
-        for tracker in run.accelerator.trackers:
-            tracker.finish()
-    else:
-        run.accelerator.end_training()
+    close_trackers(run.accelerator)  # each flushes its files
+    if not KEEP_PROCESS_GROUP:
+        run.accelerator.end_training()  # the trackers are closed: this destroys the process group
+
+
+def record_model(run: Run, model) -> None:
+    """Log and record in run_info.json the trained model's class, dtype and attention kernel."""
+    description = describe_model(run.accelerator.unwrap_model(model))
+    log.info("model: %s", ", ".join(f"{k} {v}" for k, v in description.items()))
+    if run.accelerator.is_main_process:
+        record_loaded_model(run.output_dir, description)

@@ -16,9 +16,9 @@ from rlhf_cli.dpo.reference import Reference, precompute
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import apply_lora, save_final_model
 from rlhf_cli.models.dropout import disable_dropout
-from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer
-from rlhf_cli.models.policy import has_reference_adapter, is_encoder_decoder, load_policy
-from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
+from rlhf_cli.models.policy import has_reference_adapter, load_policy, refuse_encoder_decoder
+from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,9 @@ def load_dpo_policy(config: DPOConfig):
     policy to the reference must not move with random masks. The reference is load_policy's, as PPO's."""
     model_cfg, seed = config.model, config.training.seed
     name = model_cfg.model_name_or_path
-    if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision):
-        raise UserError(f"model.model_name_or_path: {name} is an encoder-decoder model; rlhf dpo trains causal LMs.")
+    refuse_encoder_decoder(model_cfg, "dpo")
     if config.dpo.reference_free:
-        policy = load_model(name, task="causal-lm", dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                            revision=model_cfg.revision, seed=seed, is_trainable=True)
+        policy = load_model(name, task="causal-lm", seed=seed, is_trainable=True, **model_options(model_cfg))
         if config.peft.use_peft and not hasattr(policy, "peft_config"):
             policy = apply_lora(policy, config.peft, task_type="CAUSAL_LM")
         disable_dropout(policy)
@@ -56,6 +54,7 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     # 2. Tokenizer, policy and its frozen reference
     tokenizer = load_stage_tokenizer(config.model)
     model, reference = load_dpo_policy(config)
+    record_model(run_, model)
     if training.gradient_checkpointing:
         if hasattr(model, "peft_config"):
             model.enable_input_require_grads()

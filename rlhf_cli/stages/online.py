@@ -15,12 +15,14 @@ from rlhf_cli.lm.generation import encode_prompt_set, left_pad
 from rlhf_cli.models.adapters import save_final_model
 from rlhf_cli.models.loading import load_stage_tokenizer
 from rlhf_cli.models.policy import load_policy
+from rlhf_cli.online.alarms import AlarmMonitor, describe, observation
 from rlhf_cli.online.algorithm import Algorithm
+from rlhf_cli.online.estimates import batch_estimates
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.trainer import OnlineTrainer
 from rlhf_cli.online.updater import NonFiniteBatch
 from rlhf_cli.rewards.combined import CombinedReward
-from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.accel import replica_checksum
 from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
@@ -81,6 +83,7 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     tokenizer = load_stage_tokenizer(config.model, padding_side="left")
     model, reference = load_policy(config.model, config.peft, training.seed, critic,
                                    with_value=algorithm.uses_critic, with_reference=algorithm.uses_reference)
+    record_model(run_, model.policy)
     if training.gradient_checkpointing:
         model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -90,9 +93,11 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train")
     test_ids, test_columns = prepare_prompts(test_raw, tokenizer, config, "test") if test_raw is not None else (None, None)
 
-    # 4. The trainer (optimizer, schedule, algorithm state); resume where a checkpoint left off
+    # 4. The trainer (optimizer, schedule, algorithm and alarm state); resume where a checkpoint left off
+    alarms = AlarmMonitor(options, stage)  # reward-hacking alarms and stopping rules (online/alarms.py)
+    monitored = [name for name, weight in zip(reward.names, reward.weights, strict=True) if weight == 0]
     trainer = OnlineTrainer(config, algorithm, options.total_episodes, model, tokenizer, accelerator, reference,
-                            options.local_rollout_forward_batch_size, num_generations)
+                            options.local_rollout_forward_batch_size, num_generations, alarms=alarms)
     prompts_per_batch = trainer.batch_size // num_generations
     order = BatchOrder(len(train_ids), prompts_per_batch, accelerator.num_processes, accelerator.process_index,
                        training.seed)
@@ -163,15 +168,28 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
         iteration += 1
         elapsed = time.perf_counter() - t0
         tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()
+        episodes = len(rows) * accelerator.num_processes
         stats.update({
             "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
-            "episodes_per_s": len(rows) * accelerator.num_processes / elapsed, "tokens_per_s": tokens / elapsed,
+            "episodes_per_s": episodes / elapsed, "tokens_per_s": tokens / elapsed,
             **{f"reward/{name}": accelerator.reduce(v.float().mean().to(accelerator.device), "mean").item()
                for name, v in parts.items()},
         })
+        fired = len(alarms.events)
+        optimised, *watched = batch_estimates([scores, *(parts[name] for name in monitored)], accelerator)
+        watched = dict(zip(monitored, watched, strict=True))
+        stats.update(alarms.observe(iteration, observation(stats, tokens / episodes, optimised, watched)))
+        if accelerator.is_main_process and len(alarms.events) > fired:
+            alarms.write(run_.output_dir)  # at once: a run that fails later still leaves the record for `rlhf eval`
+        if alarms.stop is not None:  # every process computed the same stop from the same reduced numbers
+            log.warning("stopping after step %d: %s (%s); the run ends as at its planned end (final save, "
+                        "exit status 0).", iteration, alarms.stop["rule"], alarms.stop["reason"])
+            cadence.finish_at(iteration)
         if accelerator.is_main_process and options.num_sample_rows and iteration % options.sample_steps == 0:
             write_samples(run_.output_dir, iteration, rollout, scores, options.num_sample_rows, progress)
         cadence.after_step(iteration, stats if cadence.log_due(iteration) else None, shown=stats)
+        if alarms.stop is not None:
+            break
     cadence.close()
 
     # 6. Held-out score, final checkpoint, the model (with its value head) at the top of output_dir
@@ -185,6 +203,9 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
             unwrapped.value_head.save(run_.output_dir)
         log.info("done: %d iterations, %d episodes; %s written to %s", iteration, trainer.episode,
                  "policy and value head" if unwrapped.value_head is not None else "policy", run_.output_dir)
+        alarms.write(run_.output_dir)
+        if alarms.events or alarms.stop:
+            log.warning("reward-hacking alarms in this run: %s (alarms.json)", describe(alarms.summary()))
     finish_run(run_)
 
 

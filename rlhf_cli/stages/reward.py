@@ -17,8 +17,8 @@ from rlhf_cli.config.schema import RewardModelConfig
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.preferences import PairCollator, tokenize_pairs
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer
-from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
+from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.bradley_terry import bradley_terry_loss
 from rlhf_cli.training.loop import train_loop
 
@@ -115,13 +115,13 @@ def load_reward_model(config: RewardModelConfig, tokenizer):
     merged into its base LM, whose backbone then gets a fresh scalar head.
     """
     model_cfg, peft_cfg = config.model, config.peft
-    common = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code, "seed": config.training.seed}
+    common = {**model_options(model_cfg), "seed": config.training.seed}
     task_type = adapter_task_type(model_cfg.model_name_or_path)
     if task_type not in (None, "SEQ_CLS"):
         model = backbone_with_new_head(model_cfg.model_name_or_path, common)
     else:
         model = load_model(model_cfg.model_name_or_path, task="sequence-classification", num_labels=1,
-                           revision=model_cfg.revision, is_trainable=True, **common)
+                           is_trainable=True, **common)
         if task_type is not None and not peft_cfg.use_peft:
             model = model.merge_and_unload()
     # GPT-2-style models find each row's last real token as the rightmost token that is not pad_token_id.
@@ -146,8 +146,10 @@ def adapter_task_type(name_or_path: str) -> str | None:
 def backbone_with_new_head(adapter_folder: str, common: dict):
     """A sequence-classification model whose backbone is the adapter merged into its base LM."""
     lm = load_model(adapter_folder, task="causal-lm", **common).merge_and_unload()
-    base = json.loads((Path(adapter_folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = load_model(base, task="sequence-classification", num_labels=1, **common)
+    adapter = json.loads((Path(adapter_folder) / "adapter_config.json").read_text())
+    base = adapter["base_model_name_or_path"]
+    # the base at the revision the adapter records (model.revision names the adapter folder's own files)
+    model = load_model(base, task="sequence-classification", num_labels=1, **{**common, "revision": adapter.get("revision")})
     # `base_model` is the backbone (GPT-2: `transformer`) in the LM and the classifier alike
     model.base_model.load_state_dict(lm.base_model.state_dict())
     log.info("merged the %s adapter %s into its base %s; a new scalar head goes on top",
@@ -170,6 +172,7 @@ def run(config: RewardModelConfig, resume: bool = False, overwrite: bool = False
     # 2. Tokenizer (right padding: encoders pool their first token) and the model with its scalar head
     tokenizer = load_stage_tokenizer(config.model, padding_side="right")
     model = load_reward_model(config, tokenizer)
+    record_model(run_, model)
 
     # 3. Data: pairs -> token ids (truncated or dropped when too long); both sides of a pair in one batch
     train_raw, test_raw = load_splits(data)

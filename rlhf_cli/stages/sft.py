@@ -12,8 +12,9 @@ from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.packing import pack_dataset
 from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
 from rlhf_cli.models.adapters import apply_lora, save_final_model
-from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer
-from rlhf_cli.stages.common import finish_run, start_run
+from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
+from rlhf_cli.models.policy import refuse_encoder_decoder
+from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
 
@@ -136,11 +137,9 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
 
     # 2. Tokenizer and model (a LoRA adapter on top when asked)
     tokenizer = load_stage_tokenizer(config.model)
-    model = load_model(
-        config.model.model_name_or_path, task="causal-lm", dtype=config.model.dtype,
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision,
-        is_trainable=True,
-    )
+    refuse_encoder_decoder(config.model, "sft")
+    model = load_model(config.model.model_name_or_path, task="causal-lm", is_trainable=True,
+                       **model_options(config.model))
     if training.gradient_checkpointing:
         # Training forwards pass use_cache=False themselves; the saved config keeps use_cache for users.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,6 +149,7 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
             model.enable_input_require_grads()
         model = apply_lora(model, config.peft, task_type="CAUSAL_LM")
     model = float32_master_weights(model)  # full weights saved in half precision train in float32
+    record_model(run_, model)
 
     # 3. Data: load, format and tokenize, (pack), collate
     train_raw, test_raw = load_splits(config.data)

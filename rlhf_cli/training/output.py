@@ -133,6 +133,14 @@ def write_run_files(folder: Path, stage: str, config: Any) -> None:
     (folder / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def record_loaded_model(folder: Path, description: dict) -> None:
+    """run_info.json gets what was loaded (class, dtype, attention kernel): `auto` and null settings
+    resolve only at load time, and a run is reproduced from what it really ran with."""
+    path = folder / "run_info.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "model": description}, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # --resume with another config than the run's: what changed, and what makes resuming meaningless
 # ---------------------------------------------------------------------------------------------

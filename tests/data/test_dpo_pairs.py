@@ -56,6 +56,27 @@ def test_messages_explicit_and_implicit(tok):
         assert out[0]["chosen_input_ids"] != out[0]["rejected_input_ids"]
 
 
+@pytest.mark.parametrize("style", ["llama3", "chatml", "mistral", "gemma", "phi3"])
+def test_chat_pairs_under_released_template_styles(style):
+    """Templates as real checkpoints ship them (a date line, a default system prompt, a closing eos):
+    the prompt is what PPO/GRPO sample from (the generation prompt), each response is the assistant's
+    reply and what closes its turn, and nothing of the prompt leaks into it."""
+    from chat_templates import CHATML, GEMMA, LLAMA3, MISTRAL, PHI3, with_chat_tokens
+
+    from rlhf_cli.lm.generation import encode_prompts
+
+    chat_tok = with_chat_tokens(load_tokenizer("builtin:tiny-gpt2"))
+    chat_tok.chat_template = {"llama3": LLAMA3, "chatml": CHATML, "mistral": MISTRAL, "gemma": GEMMA, "phi3": PHI3}[style]
+    user = [{"role": "user", "content": "Review the film."}]
+    good, bad = [{"role": "assistant", "content": "A joy."}], [{"role": "assistant", "content": "A bore."}]
+    out, _ = tokenize_dpo_pairs(Dataset.from_list([{"prompt": user, "chosen": good, "rejected": bad}]), chat_tok,
+                                DPODataConfig())
+    assert out[0]["prompt_input_ids"] == encode_prompts([user], chat_tok, 512, "reject")[0][0]
+    for side, reply in (("chosen", "A joy."), ("rejected", "A bore.")):
+        response = chat_tok.decode(out[0][f"{side}_input_ids"])
+        assert response.strip().startswith(reply) and "Review the film" not in response, response
+
+
 def test_truncation_keeps_the_prompt_end_and_the_response_start(tok):
     prompt = "one two three four five six seven eight"
     data = Dataset.from_list([{"prompt": prompt, "chosen": " good good good good", "rejected": " bad"}])

@@ -1,5 +1,6 @@
 """The one loading path: built-ins, saved folders, PEFT adapter folders, and the errors a user can cause."""
 
+import importlib.util
 import json
 import os
 
@@ -12,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from rlhf_cli.builtin.models import build_builtin
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.fused import fuse_activations
-from rlhf_cli.models.loading import load_model, load_tokenizer
+from rlhf_cli.models.loading import describe_model, load_model, load_tokenizer
 
 TEXTS = ["The film was a delight.", "Dull and far too long."]
 
@@ -149,6 +150,24 @@ def test_bad_dtype_and_unknown_builtin_are_user_errors():
         load_model("builtin:tiny-gpt2", "causal-lm", dtype="fp8")
     with pytest.raises(UserError, match="valid names"):
         load_model("builtin:nope", "causal-lm")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attn_implementation_reaches_builtin_folder_and_adapter_models(saved_gpt2, tmp_path, attn):
+    folder, _ = saved_gpt2
+    adapter = get_peft_model(build_builtin("tiny-gpt2")[0], LoraConfig(r=2, target_modules=["c_attn"]))
+    adapter.save_pretrained(tmp_path / "adapter")
+    for name in ("builtin:tiny-gpt2", str(folder), str(tmp_path / "adapter")):
+        model = load_model(name, "causal-lm", attn_implementation=attn)
+        assert describe_model(model) == {"class": "GPT2LMHeadModel", "dtype": "float32", "attn_implementation": attn}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_an_attention_kernel_that_is_not_installed_is_a_user_error(saved_gpt2):
+    folder, _ = saved_gpt2
+    for name in ("builtin:tiny-gpt2", str(folder)):
+        with pytest.raises(UserError, match="model.attn_implementation: 'flash_attention_2'.*not.*installed"):
+            load_model(name, "causal-lm", attn_implementation="flash_attention_2")
 
 
 def test_trust_remote_code_is_announced(saved_gpt2, caplog):
