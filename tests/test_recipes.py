@@ -321,7 +321,7 @@ def test_two_processes_run_every_stage_data_parallel(tiny_recipe, tmp_path):
     """Under torchrun the process group lives across the stages; each stage gets a fresh Accelerator."""
     recipe = tiny_recipe()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf_cli", "run", str(recipe)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rlhf_cli", "run", str(recipe)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]

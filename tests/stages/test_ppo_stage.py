@@ -256,7 +256,7 @@ def test_resume_continues_the_same_curve(cli, tmp_path, write_yaml):
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, write_yaml):
     config = write_yaml("ppo.yaml", ppo_config(tmp_path / "out"))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf_cli", "ppo", str(config)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rlhf_cli", "ppo", str(config)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
