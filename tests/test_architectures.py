@@ -105,18 +105,6 @@ def test_stage_trains_saves_and_reloads(arch, stage, folders, data, tmp_path, mo
 def test_sampled_logprobs_equal_a_fresh_forward(arch, folders, tmp_path):
     """What tests/ppo/test_performance_equivalence.py checks for GPT-2, for every decoder-only family:
     left-padded prompts of different lengths, rows stopping at different steps."""
-    from ppo.test_performance_equivalence import PROMPTS, make_trainer, plain_forward
+    from ppo.test_performance_equivalence import check_recorded_equals_forward, make_trainer
 
-    from rlhf_cli.lm.logprobs import logprobs_from_logits
-
-    trainer = make_trainer(tmp_path, str(folders[arch]))
-    torch.manual_seed(0)
-    r = trainer.generate(PROMPTS)
-    assert r.logprobs is not None
-    with torch.no_grad():
-        trainer.model.eval()
-        logits, values = plain_forward(trainer, r, slice(0, len(PROMPTS)))
-    mask = r.response_mask
-    plain = logprobs_from_logits(logits, r.response_ids, trainer.temperature)
-    torch.testing.assert_close(r.logprobs[mask], plain[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(r.values[mask], values.float()[mask], atol=1e-4, rtol=1e-4)
+    check_recorded_equals_forward(make_trainer(tmp_path, str(folders[arch])))

@@ -143,13 +143,11 @@ def test_micro_step_with_entropy_bonus_keeps_its_gradient(tmp_path):
     assert not torch.allclose(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("use_peft", [False, True])
-def test_generation_records_the_logprobs_and_values_of_a_forward(tmp_path, use_peft):
-    """The log-probs and values recorded while sampling equal those of a no-grad forward of the
-    policy over the finished rollout (left-padded queries, rows stopping at different steps)."""
-    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", use_peft=use_peft, local_rollout_forward_batch_size=4)
+def check_recorded_equals_forward(trainer: PPOTrainer):
+    """Sample PROMPTS and check that the log-probs and values recorded while sampling equal those of a
+    no-grad forward of the policy over the finished rollout; returns (rollout, the forward's log-probs)."""
     torch.manual_seed(0)
-    r = trainer.generate(PROMPTS)  # two generate calls (chunks of 4 and 2), padded to one width
+    r = trainer.generate(PROMPTS)
     assert r.logprobs is not None and r.values is not None
     assert r.logprobs.shape == r.values.shape == r.response_ids.shape
     with torch.no_grad():
@@ -159,6 +157,17 @@ def test_generation_records_the_logprobs_and_values_of_a_forward(tmp_path, use_p
     plain = logprobs_from_logits(logits, r.response_ids, trainer.temperature)
     torch.testing.assert_close(r.logprobs[mask], plain[mask], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(r.values[mask], values.float()[mask], atol=1e-4, rtol=1e-4)
+    return r, plain
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_generation_records_the_logprobs_and_values_of_a_forward(tmp_path, use_peft):
+    """The log-probs and values recorded while sampling equal those of a no-grad forward of the
+    policy over the finished rollout (left-padded queries, rows stopping at different steps; two
+    generate calls, chunks of 4 and 2, padded to one width)."""
+    trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", use_peft=use_peft, local_rollout_forward_batch_size=4)
+    r, plain = check_recorded_equals_forward(trainer)
+    mask = r.response_mask
     # evaluate() takes them as they are and adds the reference's
     logprobs, vals, ref_logprobs = trainer.evaluate(r)
     assert logprobs is r.logprobs and vals is r.values
