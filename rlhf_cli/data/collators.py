@@ -77,6 +77,39 @@ class SFTCollator:
         return batch
 
 
+def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """(batch, seq) decoder targets -> the decoder's inputs: the start token, then the targets but
+    the last (teacher forcing), -100 replaced by pad. Logits at position t then predict labels[t]."""
+    inputs = torch.full_like(labels, pad_token_id)
+    inputs[:, 0] = decoder_start_token_id
+    inputs[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad_token_id)
+    return inputs
+
+
+class Seq2SeqCollator:
+    """Encoder-decoder rows (input_ids: encoder input, labels: decoder target; data/seq2seq_format.py)
+    -> input_ids, attention_mask (batch, S) right-padded, labels (batch, T) with -100 on padding, and
+    decoder_input_ids (batch, T) = the labels shifted right after the model's decoder start token.
+    The decoder is causal, so its right padding changes no real position's logits."""
+
+    def __init__(self, pad_token_id: int, decoder_start_token_id: int):
+        if pad_token_id is None or decoder_start_token_id is None:
+            raise ValueError("an encoder-decoder batch needs the tokenizer's pad token and the model's decoder_start_token_id")
+        self.pad_token_id, self.decoder_start_token_id = pad_token_id, decoder_start_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        source, target = max(len(r["input_ids"]) for r in rows), max(len(r["labels"]) for r in rows)
+        input_ids = torch.full((len(rows), source), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), source), dtype=torch.long)
+        labels = torch.full((len(rows), target), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
+            attention_mask[i, : len(row["input_ids"])] = 1
+            labels[i, : len(row["labels"])] = torch.as_tensor(row["labels"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "decoder_input_ids": shift_right(labels, self.decoder_start_token_id, self.pad_token_id)}
+
+
 def example_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """(batch, seq) position ids -> (batch, seq) example index within each row.
 

@@ -26,9 +26,10 @@ from datasets import Dataset
 
 from rlhf_cli.config.schema import DPODataConfig
 from rlhf_cli.data.chat_spans import chat_template
+from rlhf_cli.data.collators import Seq2SeqCollator
 from rlhf_cli.data.loading import require_columns
 from rlhf_cli.data.preferences import prompt_column
-from rlhf_cli.data.sft_format import _messages, _text
+from rlhf_cli.data.sft_format import IGNORE_INDEX, _messages, _text
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,14 @@ def tokenize_dpo_pairs(dataset: Dataset, tokenizer, cfg: DPODataConfig) -> tuple
     return tokenized.remove_columns(["truncated", "identical"]), stats
 
 
+def with_reference_logps(batch: dict, rows: list[dict]) -> dict:
+    """`batch` plus ref_chosen_logps / ref_rejected_logps (B,) when the rows carry precomputed ones."""
+    for side in SIDES:
+        if f"ref_{side}_logps" in rows[0]:
+            batch[f"ref_{side}_logps"] = torch.tensor([row[f"ref_{side}_logps"] for row in rows], dtype=torch.float32)
+    return batch
+
+
 class DPOCollator:
     """rows {prompt_input_ids, chosen_input_ids, rejected_input_ids[, ref_*_logps]} -> one batch of 2B
     sequences: rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward pass
@@ -184,10 +193,7 @@ class DPOCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [(row["prompt_input_ids"], row[f"{side}_input_ids"]) for side in SIDES for row in rows]
         batch = self._flat(sequences) if self.padding_free else self._padded(sequences)
-        for side in SIDES:
-            if f"ref_{side}_logps" in rows[0]:
-                batch[f"ref_{side}_logps"] = torch.tensor([row[f"ref_{side}_logps"] for row in rows], dtype=torch.float32)
-        return batch
+        return with_reference_logps(batch, rows)
 
     def _padded(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         seq = max(len(p) + len(r) for p, r in sequences)
@@ -215,3 +221,20 @@ class DPOCollator:
             "response_mask": torch.tensor([response], dtype=torch.bool),  # (1, N)
             "sequence_index": torch.tensor(index, dtype=torch.long),  # (N,)
         }
+
+
+class Seq2SeqDPOCollator:
+    """The DPOCollator batch for an encoder-decoder: rows 0..B-1 chosen, B..2B-1 rejected, the prompt
+    as the encoder's input (input_ids, attention_mask (2B, S), right-padded) and each response as
+    the decoder's target: labels (2B, T) with -100 on padding, decoder_input_ids (2B, T) the labels
+    shifted right, response_mask (2B, T) True at the response tokens (every real target token)."""
+
+    def __init__(self, pad_token_id: int, decoder_start_token_id: int):
+        self.targets = Seq2SeqCollator(pad_token_id, decoder_start_token_id)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [{"input_ids": row["prompt_input_ids"], "labels": row[f"{side}_input_ids"]}
+                    for side in SIDES for row in rows]
+        batch = self.targets(examples)
+        batch["response_mask"] = batch["labels"] != IGNORE_INDEX
+        return with_reference_logps(batch, rows)

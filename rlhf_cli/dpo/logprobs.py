@@ -45,6 +45,8 @@ def sequence_logps(model, batch: dict) -> SequenceLogps:
     Padded (2B, T) rows or the padding-free (1, N) row alike: the LM head projects only the N_r
     positions that predict a response token (lm/forward.py head_at), and each token's log-prob is
     added to its sequence's sum."""
+    if "decoder_input_ids" in batch:
+        return _seq2seq_logps(model, batch)
     input_ids, response = batch["input_ids"], batch["response_mask"]  # (rows, N) each
     predicting = _predicting(response)  # (rows, N)
     if "sequence_index" in batch:  # one row: sequences side by side, positions restart per sequence
@@ -69,6 +71,17 @@ def sequence_logps(model, batch: dict) -> SequenceLogps:
     mean_logits = logits.detach().float().mean(dim=-1)  # (N_r,)
     return SequenceLogps(per_sequence(token_logps), per_sequence(mean_logits),
                          per_sequence(torch.ones_like(mean_logits)))
+
+
+def _seq2seq_logps(model, batch: dict) -> SequenceLogps:
+    """An encoder-decoder batch (Seq2SeqDPOCollator): the decoder's logits at t predict labels[t], so
+    every real target position is projected; padding rows are masked out of the sums."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
+    response = batch["response_mask"]  # (2B, T)
+    token_logps = logprobs_from_logits(logits, batch["labels"].clamp(min=0)) * response  # (2B, T)
+    mean_logits = logits.detach().float().mean(dim=-1) * response  # (2B, T)
+    return SequenceLogps(token_logps.sum(-1), mean_logits.sum(-1), response.sum(-1).to(token_logps.dtype))
 
 
 def _forward(model, inputs: dict, keep: int) -> torch.Tensor:

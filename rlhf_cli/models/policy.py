@@ -35,15 +35,6 @@ def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def refuse_encoder_decoder(model_cfg: ModelConfig, stage: str) -> None:
-    """`rlhf sft` and `rlhf dpo` train causal LMs. An encoder-decoder (T5, BART) is refused by name:
-    transformers would otherwise load BART's decoder alone as BartForCausalLM and train half a model."""
-    name = model_cfg.model_name_or_path
-    if is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision):
-        raise UserError(f"model.model_name_or_path: {name} is an encoder-decoder model; rlhf {stage} trains causal "
-                        "LMs (encoder-decoders train with rlhf ppo, grpo, rloo, and as reward models).")
-
-
 def load_policy(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, critic: str | None = None,
                 with_value: bool = True, with_reference: bool = True):
     """(PolicyWithValue, reference or None). `with_value`: a value head (or the `critic`) for

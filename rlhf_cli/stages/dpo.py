@@ -1,15 +1,17 @@
-"""`rlhf dpo`: direct preference optimisation of a causal LM (full weights or a LoRA adapter) on
-prompt/chosen/rejected pairs, against the frozen starting policy (Rafailov et al. 2023).
+"""`rlhf dpo`: direct preference optimisation of a causal LM or an encoder-decoder (full weights or a
+LoRA adapter) on prompt/chosen/rejected pairs, against the frozen starting policy (Rafailov et al. 2023).
+An encoder-decoder reads the prompt in its encoder and scores each response as the decoder's target.
 
-The output folder is a plain causal LM (or a peft adapter folder), as `rlhf sft` writes it: it loads
-with `AutoModelForCausalLM` / peft and starts `rlhf ppo`, `rlhf eval` or another `rlhf dpo`.
+The output folder is a plain model (or a peft adapter folder), as `rlhf sft` writes it: it loads
+with `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` / peft and starts `rlhf ppo`, `rlhf eval` or
+another `rlhf dpo`.
 """
 
 import logging
 
 from rlhf_cli.config.schema import DPOConfig
 from rlhf_cli.data.collators import supports_packed_attention
-from rlhf_cli.data.dpo_pairs import DPOCollator, tokenize_dpo_pairs
+from rlhf_cli.data.dpo_pairs import DPOCollator, Seq2SeqDPOCollator, tokenize_dpo_pairs
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.dpo.objective import DPOObjective, evaluate
 from rlhf_cli.dpo.reference import Reference, precompute
@@ -17,7 +19,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import apply_lora, save_final_model
 from rlhf_cli.models.dropout import disable_dropout
 from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
-from rlhf_cli.models.policy import has_reference_adapter, load_policy, refuse_encoder_decoder
+from rlhf_cli.models.policy import has_reference_adapter, is_encoder_decoder, load_policy
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 
@@ -29,11 +31,12 @@ def load_dpo_policy(config: DPOConfig):
     policy to the reference must not move with random masks. The reference is load_policy's, as PPO's."""
     model_cfg, seed = config.model, config.training.seed
     name = model_cfg.model_name_or_path
-    refuse_encoder_decoder(model_cfg, "dpo")
     if config.dpo.reference_free:
-        policy = load_model(name, task="causal-lm", seed=seed, is_trainable=True, **model_options(model_cfg))
+        seq2seq = is_encoder_decoder(name, model_cfg.trust_remote_code, model_cfg.revision)
+        policy = load_model(name, task="seq2seq-lm" if seq2seq else "causal-lm", seed=seed, is_trainable=True,
+                            **model_options(model_cfg))
         if config.peft.use_peft and not hasattr(policy, "peft_config"):
-            policy = apply_lora(policy, config.peft, task_type="CAUSAL_LM")
+            policy = apply_lora(policy, config.peft, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
         disable_dropout(policy)
         return float32_master_weights(policy), Reference("free")
     wrapped, frozen_copy = load_policy(model_cfg, config.peft, seed, with_value=False)
@@ -62,6 +65,10 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     model.to(accelerator.device)
     if reference.model is not None:
         reference.model.to(accelerator.device)
+    seq2seq = model.config.is_encoder_decoder
+    if opts.padding_free and seq2seq:
+        raise UserError(f"dpo.padding_free: {config.model.model_name_or_path} is an encoder-decoder; padding-free "
+                        "batches are for causal LMs. Set dpo.padding_free: false.")
     if opts.padding_free and not supports_packed_attention(model, block_diagonal_mask=False):
         raise UserError(
             f"dpo.padding_free: {type(model).__name__} does not keep sequences apart by position_ids alone "
@@ -76,7 +83,10 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     log.info("training pairs: %d kept of %d (%d cut to max_prompt_length %d / max_length %d, %d dropped with "
              "identical sides once cut)", stats["kept"], stats["pairs"], stats["truncated"], data.max_prompt_length,
              data.max_length, stats["dropped_identical"])
-    collate = DPOCollator(tokenizer.pad_token_id, padding_free=opts.padding_free)
+    if seq2seq:
+        collate = Seq2SeqDPOCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+    else:
+        collate = DPOCollator(tokenizer.pad_token_id, padding_free=opts.padding_free)
 
     # 4. Reference log-probs for the whole dataset at once, when asked (a frozen copy is freed after)
     if opts.precompute_ref_log_probs:

@@ -1,4 +1,5 @@
-"""`rlhf sft`: supervised fine-tuning of a causal language model or a LoRA adapter."""
+"""`rlhf sft`: supervised fine-tuning of a causal language model, an encoder-decoder (T5, BART: the
+prompt is the encoder's input, the completion the decoder's target), or a LoRA adapter on either."""
 
 import logging
 import math
@@ -7,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_cli.config.schema import SFTConfig, SFTDataConfig
-from rlhf_cli.data.collators import SFTCollator, supports_packed_attention
+from rlhf_cli.data.collators import Seq2SeqCollator, SFTCollator, supports_packed_attention
 from rlhf_cli.data.loading import load_splits
 from rlhf_cli.data.packing import pack_dataset
+from rlhf_cli.data.seq2seq_format import tokenize_seq2seq_dataset
 from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
+from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import apply_lora, save_final_model
 from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
-from rlhf_cli.models.policy import refuse_encoder_decoder
+from rlhf_cli.models.policy import is_encoder_decoder
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
@@ -23,15 +26,23 @@ log = logging.getLogger(__name__)
 NUM_SAMPLES = 3  # held-out prompts the final model continues, written to samples.jsonl
 
 
-def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy of the next token, and where it counts.
+def targets(batch: dict) -> torch.Tensor:
+    """The labels the logits predict: a causal LM's shift left by one (token t predicts token t+1);
+    an encoder-decoder's decoder inputs are already the labels shifted right (Seq2SeqCollator)."""
+    return batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
 
-    Returns (loss (B, T-1), correct (B, T-1) bool, mask (B, T-1) bool): labels shift left by one
-    (token t predicts token t+1); positions labelled -100 are masked.
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of the predicted token, and where it counts.
+
+    Returns (loss (B, T'), correct (B, T') bool, mask (B, T') bool) over `targets(batch)` (T' = T - 1
+    for a causal LM, the target length for an encoder-decoder); positions labelled -100 are masked.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1)
+    keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    logits = model(**inputs, use_cache=False).logits.float()  # (B, T, V)
+    labels = targets(batch)  # (B, T')
+    logits = logits[:, : labels.shape[1]]  # a causal LM's last position predicts nothing
     mask = labels != -100
     safe_labels = labels.masked_fill(~mask, 0)
     loss = F.cross_entropy(logits.transpose(1, 2), safe_labels, reduction="none") * mask
@@ -43,7 +54,7 @@ class SFTObjective:
     """Mean next-token loss over trainable tokens (the loop normalises by the tokens of the whole step)."""
 
     def num_items(self, batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((targets(batch) != -100).sum())
 
     def loss(self, model, batch: dict):
         loss, correct, mask = token_losses(model, batch)
@@ -137,9 +148,12 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
 
     # 2. Tokenizer and model (a LoRA adapter on top when asked)
     tokenizer = load_stage_tokenizer(config.model)
-    refuse_encoder_decoder(config.model, "sft")
-    model = load_model(config.model.model_name_or_path, task="causal-lm", is_trainable=True,
-                       **model_options(config.model))
+    seq2seq = is_encoder_decoder(config.model.model_name_or_path, config.model.trust_remote_code, config.model.revision)
+    if seq2seq and config.data.packing:
+        raise UserError("data.packing: packing joins examples into one sequence of a causal LM; "
+                        f"{config.model.model_name_or_path} is an encoder-decoder. Set data.packing: false.")
+    model = load_model(config.model.model_name_or_path, task="seq2seq-lm" if seq2seq else "causal-lm",
+                       is_trainable=True, **model_options(config.model))
     if training.gradient_checkpointing:
         # Training forwards pass use_cache=False themselves; the saved config keeps use_cache for users.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,15 +161,16 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     if config.peft.use_peft and not hasattr(model, "peft_config"):
         if training.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = apply_lora(model, config.peft, task_type="CAUSAL_LM")
+        model = apply_lora(model, config.peft, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
     model = float32_master_weights(model)  # full weights saved in half precision train in float32
     record_model(run_, model)
 
     # 3. Data: load, format and tokenize, (pack), collate
     train_raw, test_raw = load_splits(config.data)
+    tokenize = tokenize_seq2seq_dataset if seq2seq else tokenize_dataset
     with accelerator.main_process_first():
-        train, stats = tokenize_dataset(train_raw, tokenizer, config.data)
-        test = tokenize_dataset(test_raw, tokenizer, config.data)[0] if test_raw is not None else None
+        train, stats = tokenize(train_raw, tokenizer, config.data)
+        test = tokenize(test_raw, tokenizer, config.data)[0] if test_raw is not None else None
     log.info(
         "training rows: %d kept of %d (%d truncated to %d tokens, %d dropped with no trainable token)",
         stats["kept"], stats["examples"], stats["truncated"], config.data.max_length, stats["dropped_no_trainable_tokens"],
@@ -165,8 +180,11 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
         train = pack_dataset(train, config.data.max_length)
         block_mask = packed_attention_route(model)
         log.info("packed into %d sequences of up to %d tokens", len(train), config.data.max_length)
-    collate = SFTCollator(tokenizer.pad_token_id, block_diagonal_mask=block_mask)
-    eval_collate = SFTCollator(tokenizer.pad_token_id)
+    if seq2seq:
+        collate = eval_collate = Seq2SeqCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
+    else:
+        collate = SFTCollator(tokenizer.pad_token_id, block_diagonal_mask=block_mask)
+        eval_collate = SFTCollator(tokenizer.pad_token_id)
 
     # 4. The "before" figure: held-out loss of the starting model, as step 0 (a resumed run has it)
     def run_eval(prepared_model) -> dict[str, float]:

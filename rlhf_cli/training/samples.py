@@ -1,4 +1,5 @@
-"""A few samples from a causal LM at the end of a run: what a user reads to judge the model.
+"""A few samples from a language model (causal or encoder-decoder) at the end of a run: what a user
+reads to judge the model.
 
 The prompts come tokenized (the stage knows its data format); they are sampled as one left-padded
 batch with a fixed seed inside a forked RNG, so the samples are reproducible and drawing them
@@ -48,7 +49,9 @@ def generate_responses(
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
         )
     model.train(was_training)
-    return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    # a causal LM returns prompt + continuation; an encoder-decoder the decoded sequence alone
+    new_tokens = output if model.config.is_encoder_decoder else output[:, input_ids.shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def write_samples(output_dir: Path, step: int, prompts: list[str], responses: list[str]) -> list[dict]:

@@ -126,3 +126,22 @@ def test_a_model_without_logits_to_keep_gives_the_same_log_probs(model):
     batch = DPOCollator(pad_token_id=0)(ROWS)
     with torch.no_grad():
         torch.testing.assert_close(sequence_logps(NoKeep(model), batch).logps, sequence_logps(model, batch).logps)
+
+
+@torch.no_grad()
+def test_an_encoder_decoder_scores_each_response_as_the_decoders_target():
+    """T5: the prompt is the encoder's input; a response's log-prob is its decoding's, each pair's
+    sides alone and unpadded equal to the padded 2B-row batch."""
+    from rlhf_cli.data.dpo_pairs import Seq2SeqDPOCollator
+
+    t5 = load_model("builtin:tiny-t5", task="seq2seq-lm", seed=0).eval()
+    batch = Seq2SeqDPOCollator(t5.config.pad_token_id, t5.config.decoder_start_token_id)(ROWS)
+    out = sequence_logps(t5, batch)
+
+    def alone(prompt: list[int], response: list[int]) -> float:
+        loss = t5(input_ids=torch.tensor([prompt]), labels=torch.tensor([response])).loss  # mean NLL per token
+        return -loss.item() * len(response)
+
+    want = [alone(r["prompt_input_ids"], r[f"{side}_input_ids"]) for side in ("chosen", "rejected") for r in ROWS]
+    assert out.logps.tolist() == pytest.approx(want, abs=1e-4)
+    assert out.num_tokens.tolist() == [3, 5, 2, 2, 3, 4]
