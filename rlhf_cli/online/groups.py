@@ -82,8 +82,8 @@ class GroupAlgorithm(Algorithm):
             "completions/clipped_ratio": ctx.mean((~exp.stopped).float()),
         }
         if exp.ref_logprobs is not None:  # the KL of the sampled responses, per token (k1: its unbiased estimate)
-            kl = (exp.old_logprobs - exp.ref_logprobs).masked_fill(~exp.response_mask, 0.0)
-            tokens = ctx.total(exp.response_mask)
+            kl = (exp.old_logprobs - exp.ref_logprobs).masked_fill(~exp.loss_mask, 0.0)
+            tokens = ctx.total(exp.loss_mask)
             stats["kl"] = ctx.total(kl) / max(tokens, 1.0)
         return stats
 

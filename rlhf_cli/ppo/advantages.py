@@ -6,7 +6,10 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Adv
             = delta_t + gamma * lam * A_{t+1}                        (eq. 16, computed backwards)
     returns R_t = A_t + V(s_t), the value-function target (TD(lam) return).
 Each response is one episode that ends at its last valid token: values after it are 0 and
-nothing is bootstrapped beyond it.
+nothing is bootstrapped beyond it. The mask need not be a prefix: tokens the policy did not write
+(a tool's output inserted by a text environment) are part of the environment's transition, not
+steps of the policy, so GAE skips them -- the next value and advantage carry across the span
+unchanged, and the span gets no advantage. For a prefix mask this is the plain recursion.
 """
 
 import torch
@@ -19,7 +22,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     """Advantages and returns by GAE.
 
     rewards: (B, T) per-token rewards; values: (B, T) V(s_t) from the rollout; mask: (B, T) bool
-    prefix mask of valid tokens.
+    the policy's tokens (a prefix, or with holes where something else inserted tokens).
     Returns advantages (B, T) and returns (B, T) = advantages + values, both 0 at invalid
     positions (returns are taken before any advantage whitening). Rewards and values at invalid
     positions are ignored. The loop runs over T, vectorised over B. Call under torch.no_grad()
@@ -33,10 +36,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     next_advantage = torch.zeros_like(next_value)
     advantages = [next_value] * T
     for t in reversed(range(T)):
+        step = mask[:, t]  # (B,) a policy step at t; elsewhere the carries pass through unchanged
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = torch.where(mask[:, t], delta + gamma * lam * next_advantage, zero)
-        advantages[t] = next_advantage
-        next_value = values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[t] = torch.where(step, advantage, zero)
+        next_advantage = torch.where(step, advantage, next_advantage)
+        next_value = torch.where(step, values[:, t], next_value)
     advantages = torch.stack(advantages, dim=1)
     returns = torch.where(mask, advantages + values, zero)
     return advantages, returns

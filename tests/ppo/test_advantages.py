@@ -48,6 +48,23 @@ def test_gae_padding_neither_contributes_nor_receives():
         assert (a[~MASK] == 0).all()
 
 
+def test_gae_skips_tokens_the_policy_did_not_write():
+    """A tool's output inserted at t=1..2 (mask holes): those columns are the environment's
+    transition, so GAE over [t0, t3] equals GAE over the two-step episode with the hole removed,
+    and the hole gets no advantage, whatever its rewards and values hold."""
+    mask = torch.tensor([[T_, F_, F_, T_]])
+    rewards = torch.tensor([[1.0, JUNK, JUNK, 2.0]])
+    values = torch.tensor([[1.0, JUNK, JUNK, 0.5]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.5, lam=0.5)
+    # as the two-step episode r = [1, 2], V = [1, 0.5]:
+    #   delta_3 = 2 + 0 - 0.5 = 1.5                        A_3 = 1.5
+    #   delta_0 = 1 + 0.5*0.5 - 1 = 0.25                   A_0 = 0.25 + 0.25*1.5 = 0.625
+    assert_close(advantages, torch.tensor([[0.625, 0.0, 0.0, 1.5]]))
+    assert_close(returns, torch.tensor([[1.625, 0.0, 0.0, 2.0]]))
+    squeezed, _ = gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.5]]), torch.tensor([[T_, T_]]), 0.5, 0.5)
+    assert_close(advantages[:, [0, 3]], squeezed)
+
+
 def test_whiten_advantages_over_valid_tokens_only():
     advantages = torch.tensor([[1.0, 3.0, 100.0], [5.0, -100.0, 7.0]])
     mask = torch.tensor([[T_, T_, F_], [T_, F_, F_]])
