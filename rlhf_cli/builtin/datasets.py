@@ -1,7 +1,10 @@
 """Built-in datasets of the offline world, generated on the fly from the review grammar.
 
 (``arithmetic``, short sums with exact answers for GRPO/RLOO, comes from ``arithmetic.py`` and
-follows the same rules: its prompts are held out by the same hash.)
+follows the same rules: its prompts are held out by the same hash. ``tool-arithmetic`` and
+``tool-arithmetic-demos``, word problems for RL with the calculator and SFT demonstrations of the tool
+protocol, come from ``tool_world.py``; a test row has both its prompt and its expression on the held-out
+side (a train row neither), so a test problem is never a train problem of either, in any wording.)
 
 Every dataset is a ``DatasetDict`` with ``train`` and ``test`` splits, fixed by ``seed`` (another
 seed gives other rows) and cached nowhere (the default sizes take 1-6 s each, VADER scoring most
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 from datasets import Dataset, DatasetDict, Features, List, Value
 
-from rlhf_cli.builtin import arithmetic, corpus
+from rlhf_cli.builtin import arithmetic, corpus, tool_world
 from rlhf_cli.builtin.sentiment import sentiment_scores
 from rlhf_cli.errors import UserError
 
@@ -41,6 +44,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "review-chat": "messages: a user asks for a positive/negative/mixed film review, the assistant writes it",
     "review-prompts": "distinct review openings (prompt) for PPO rollouts and evaluation",
     "arithmetic": "sums of 2-3 single-digit operands with + and -: prompt '7 + 5 =', answer '12', completion ' 12'",
+    "tool-arithmetic": "word problems over 2-digit numbers to solve with the calculator: prompt, answer, expression",
+    "tool-arithmetic-demos": "episodes of the calculator protocol for SFT: prompt, completion, answer, expression, mistake",
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "reviews": (20_000, 1_000),
@@ -48,6 +53,8 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "review-chat": (10_000, 500),
     "review-prompts": (10_000, 500),
     "arithmetic": (2_000, 200),  # of 178 + 3587 train and 22 + 413 held-out problems (2 + 3 operands)
+    "tool-arithmetic": (4_000, 200),
+    "tool-arithmetic-demos": (4_000, 200),
 }
 MIN_PREFERENCE_GAP = 0.2
 HELD_OUT_PERCENT = 10
@@ -75,6 +82,10 @@ _FEATURES = {
     "review-chat": Features({"messages": List({"role": _STRING, "content": _STRING}), "label": _STRING}),
     "review-prompts": Features({"prompt": _STRING}),
     "arithmetic": Features({"prompt": _STRING, "answer": _STRING, "completion": _STRING}),
+    "tool-arithmetic": Features({"prompt": _STRING, "answer": _STRING, "expression": _STRING}),
+    "tool-arithmetic-demos": Features(
+        {"prompt": _STRING, "completion": _STRING, "answer": _STRING, "expression": _STRING, "mistake": _STRING}
+    ),
 }
 # Label pairs for preference pairs: mostly opposite polarities, some harder same-polarity pairs.
 _PAIR_LABELS = (
@@ -167,6 +178,19 @@ def _arithmetic_rows(rng: random.Random, test: bool) -> Iterator[Row]:
             yield row
 
 
+def _tool_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    # The expression's side keeps a held-out problem out of train in every wording; the prompt's keeps
+    # the rule every built-in dataset follows (test prompts are held-out strings). 1% of draws are test.
+    for row in tool_world.random_problems(rng):
+        if is_held_out(row["expression"]) == is_held_out(row["prompt"]) == test:
+            yield row
+
+
+def _tool_demo_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    for row in _tool_rows(rng, test):
+        yield tool_world.demonstration(rng, row)
+
+
 _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[[Row], object]]] = {
     # name: (row generator, the part of a row that must be unique within a split)
     "reviews": (_review_rows, lambda row: row["text"]),
@@ -174,6 +198,8 @@ _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[
     "review-chat": (_chat_rows, lambda row: row["messages"][0]["content"]),
     "review-prompts": (_prompt_rows, lambda row: row["prompt"]),
     "arithmetic": (_arithmetic_rows, lambda row: row["prompt"]),
+    "tool-arithmetic": (_tool_rows, lambda row: row["expression"]),
+    "tool-arithmetic-demos": (_tool_demo_rows, lambda row: row["expression"]),
 }
 
 

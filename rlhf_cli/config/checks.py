@@ -115,6 +115,25 @@ def check_generation(gen: GenerationConfig) -> None:
         )
 
 
+def check_sft_data(data) -> None:
+    markers = data.tool_result_markers
+    if markers is not None and (len(markers) != 2 or not all(markers)):
+        raise UserError(f"data.tool_result_markers: expected [start, end], two non-empty texts, got {markers}.")
+
+
+def check_environment(env) -> None:
+    for i, tool in enumerate(env.tools):
+        if not tool.function:
+            raise UserError(f"environment.tools[{i}]: no function; give `builtin:calculator`, `builtin:lookup` or "
+                            "`package.module:callable`.")
+    markers = {key: getattr(env, key) for key in ("call_start", "call_end", "result_start", "result_end")}
+    for key, marker in markers.items():
+        if not marker:
+            raise UserError(f"environment.{key} is empty; every marker needs some text.")
+    if env.call_end in (env.result_start, env.result_end):
+        raise UserError("environment.call_end must differ from the result markers: generation stops at it.")
+
+
 def check_stage(stage: str, config: Any) -> None:
     if hasattr(config, "training"):
         check_training(config.training)
@@ -125,6 +144,10 @@ def check_stage(stage: str, config: Any) -> None:
         check_reward(config.reward)
     if stage == "eval":
         check_eval(config)
+    if stage == "sft":
+        check_sft_data(config.data)
+    if hasattr(config, "environment"):
+        check_environment(config.environment)
     if stage == "dpo":
         check_dpo(config)
     opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)

@@ -260,6 +260,8 @@ def _coerce(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
             raise UserError(f"{key}: expected {_type_name(shown)}, got {_describe(value)}.")
         return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and getattr(tp, "SHORTHAND", None):  # `- builtin:calculator` for {function: ...}
+            value = {tp.SHORTHAND: value}
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping of keys, got {_describe(value)}.")
         return build(tp, value, key)

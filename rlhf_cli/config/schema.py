@@ -9,6 +9,7 @@ from rlhf_cli.config.fields import option, section
 from rlhf_cli.config.sections import (
     AlarmOptions,
     DataConfig,
+    EnvironmentConfig,
     GenerationConfig,
     ModelConfig,
     PeftConfig,
@@ -33,6 +34,12 @@ class SFTDataConfig(DataConfig):
         True, "Train only on completion / assistant tokens (prompt and user tokens are masked)."
     )
     packing: bool = option(False, "Pack several short examples into each max_length sequence.")
+    tool_result_markers: list[str] | None = option(
+        None,
+        "For demonstrations of a text environment: [start, end] markers of the tool results inside "
+        "completions (e.g. [\"<result>\", \"</result>\"]); each result, markers included, is tokenized on its "
+        "own, as the environment appends it, and is not trained. null: none.",
+    )
 
 
 @dataclass
@@ -308,6 +315,7 @@ class PPOConfig:
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
     generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     ppo: PPOOptions = section(PPOOptions, "PPO and KL options.")
 
 
@@ -319,6 +327,7 @@ class GRPOConfig:
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
     generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     grpo: GRPOOptions = section(GRPOOptions, "Groups, the clipped loss and the KL term.")
 
 
@@ -330,6 +339,7 @@ class RLOOConfig:
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
     generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
+    environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     rloo: RLOOOptions = section(RLOOOptions, "Groups, the leave-one-out baseline and the KL.")
 
 
@@ -352,6 +362,9 @@ class EvalConfig:
     data: PromptDataConfig = section(PromptDataConfig, "The held-out prompts.")
     generation: GenerationConfig = section(GenerationConfig, "Sampling settings, the same for every model.")
     reward: RewardConfig = section(RewardConfig, "The rewards every model is scored with.")
+    environment: EnvironmentConfig = section(
+        EnvironmentConfig, "Tools every model may call mid-response (a text environment); none: plain sampling."
+    )
 
 
 @dataclass(frozen=True)

@@ -216,3 +216,46 @@ class AlarmOptions:
     stop_on_reward_divergence: bool = option(
         False, "Stop the run (final save, exit 0) when the divergence alarm fires (needs a weight-0 reward source)."
     )
+
+
+@dataclass
+class ToolConfig:
+    """One tool of a text environment (rlhf_cli/environments/tools.py). A plain string in the list is
+    its `function`."""
+
+    SHORTHAND = "function"
+    function: str | None = option(
+        None, "`builtin:calculator`, `builtin:lookup` (needs `corpus`) or any `package.module:callable` taking "
+        "the argument string the model wrote and returning the text it reads back."
+    )
+    name: str | None = option(None, "The name the model calls it by; null: calculator / lookup / the callable's name.")
+    corpus: str | None = option(None, "For builtin:lookup: a text file, one passage per line.")
+
+
+@dataclass
+class EnvironmentConfig:
+    """A text environment: tools the policy calls mid-response (rlhf_cli/environments/, docs/environments.md)."""
+
+    tools: list[ToolConfig] = option(
+        [], "Tools the model may call, each `builtin:calculator`, `package.module:callable` or a mapping "
+        "{function, name, corpus} (`builtin:lookup` needs a corpus file); empty: no environment, one generate "
+        "call per response (docs/environments.md)."
+    )
+    protocol: str = option(
+        "text", "How calls are written: `text` (markers in plain text, for base models).", choices=("text",)
+    )
+    max_turns: int = option(4, "Generate calls per episode at most (each call to a tool starts a new turn).", min=1)
+    max_length: int = option(
+        256, "Response tokens of an episode at most, tool results included (generation.response_length bounds "
+        "each turn).", min=1,
+    )
+    max_tool_response: int = option(200, "Characters of a tool's answer the model reads at most (the rest is cut).", min=1)
+    tool_timeout_s: float = option(5.0, "Seconds a tool call may take; later, the model reads a timeout error.",
+                                   greater_than=0.0)
+    tool_workers: int = option(
+        16, "Tool calls of a turn that run at once (each in its own thread); the rest wait for a free one.", min=1
+    )
+    call_start: str = option("<call>", "Marker the model writes before a call (`<call>calculator 2+3</call>`).")
+    call_end: str = option("</call>", "Marker that ends a call; generation stops there and the tool runs.")
+    result_start: str = option("<result>", "Marker written before a tool's answer.")
+    result_end: str = option("</result>", "Marker written after a tool's answer.")

@@ -70,16 +70,26 @@ def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfi
         prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
         if isinstance(prompt, list) or isinstance(completion, list):
             ids, trained = _conversational_prompt_completion(row, tokenizer, cfg, index)
+            trained = trained if cfg.completion_only_loss else [True] * len(ids)
         else:
             # Tokenized apart and concatenated, so the prompt/completion boundary is exact. With BPE,
             # tokenize(prompt + completion) can merge across the boundary (prompt "Hel", completion
             # "lo" -> one token "Hello"); apart, the model trains on the prompt tokenized exactly as it
-            # will be at generation time, followed by the completion tokens it must produce.
+            # will be at generation time, followed by the completion tokens it must produce. Tool
+            # results (data.tool_result_markers) are tokenized apart too, as a text environment
+            # appends them, and never trained: the model does not write them.
             prompt_ids = _encode(tokenizer, _text(row, cfg.prompt_column, index))
-            completion_ids = _with_eos(_encode(tokenizer, _text(row, cfg.completion_column, index)), tokenizer)
-            ids = prompt_ids + completion_ids
-            trained = [False] * len(prompt_ids) + [True] * len(completion_ids)
-        labels = _mask_labels(ids, trained) if cfg.completion_only_loss else list(ids)
+            completion = _text(row, cfg.completion_column, index)
+            completion_ids, completion_trained = [], []
+            for text, is_result in _segments(completion, cfg.tool_result_markers):
+                piece = _encode(tokenizer, text)
+                completion_ids += piece
+                completion_trained += [not is_result] * len(piece)
+            with_eos = _with_eos(completion_ids, tokenizer)
+            ids = prompt_ids + with_eos
+            trained = ([not cfg.completion_only_loss] * len(prompt_ids) + completion_trained
+                       + [True] * (len(with_eos) - len(completion_ids)))
+        labels = _mask_labels(ids, trained)
     elif fmt == "messages":
         messages = _messages(row, cfg.messages_column, index)
         chat_template(tokenizer)
@@ -147,6 +157,22 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
     if eos is None or (ids and ids[-1] == eos):
         return ids
     return ids + [eos]
+
+
+def _segments(text: str, markers: list[str] | None) -> list[tuple[str, bool]]:
+    """A completion -> (text, is a tool result) pieces in order; a result runs from a start marker
+    through the next end marker (to the end of the text if it is never closed)."""
+    if not markers:
+        return [(text, False)]
+    start, end = markers
+    pieces, at = [], 0
+    while (opening := text.find(start, at)) >= 0:
+        closing = text.find(end, opening + len(start))
+        stop = len(text) if closing < 0 else closing + len(end)
+        pieces += [(text[at:opening], False), (text[opening:stop], True)]
+        at = stop
+    pieces.append((text[at:], False))
+    return [(piece, is_result) for piece, is_result in pieces if piece]
 
 
 def _mask_labels(ids: list[int], trained) -> list[int]:

@@ -62,6 +62,11 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     ]
     if settings["perplexity_dataset"] is not None:
         rows.append(("perplexity", [_fmt(m["perplexity"], 2) for m in models]))
+    if any(m.get("environment") for m in models):  # a text environment: how each model used its tools
+        for figure, key, digits in (("turns per episode", "env/turns", 2), ("tool-call rate", "env/tool_call_rate", 3),
+                                    ("tool calls per episode", "env/tool_calls", 2),
+                                    ("tool error rate", "env/tool_error_rate", 3)):
+            rows.append((figure, [_fmt((m.get("environment") or {}).get(key), digits) for m in models]))
     if any(m.get("training_alarms") for m in models):
         rows.append(("training alarms", [_alarm_cell(m.get("training_alarms")) for m in models]))
     return rows

@@ -40,6 +40,7 @@ class Samples:
     lengths: torch.Tensor  # (N,) response tokens, the stop token included
     stopped: torch.Tensor  # (N,) bool
     kls: torch.Tensor | None  # (N,) sequence KL to the reference, None without one
+    episodes: list | None = None  # with a text environment: each row's Episode (environments/rollout.py)
 
 
 def model_path(name: str) -> str:
@@ -88,25 +89,41 @@ class EvalModel:
 @torch.no_grad()
 def sample_model(
     lm: EvalModel, rows: list[list[int]], gen: GenerationConfig, seed: int, batch_size: int,
-    reference: EvalModel | None = None,
+    reference: EvalModel | None = None, environment=None,
 ) -> Samples:
-    """Generate one response per row of prompt token ids; with a reference, the KL of each sample."""
+    """Generate one response per row of prompt token ids; with a reference, the KL of each sample.
+
+    With an `environment` section that lists tools, each response is a multi-turn episode with the
+    tools in the loop (environments/rollout.py); its length and KL count the model's own tokens."""
     tokenizer, pad = lm.tokenizer, lm.tokenizer.pad_token_id
     stop_id = stop_token_id(gen, tokenizer)
     install_sampling_config(lm.model, gen, stop_id, pad)
-    out = Samples([], [], [], [], [] if reference is not None else None)
+    episodes = None
+    if environment is not None and environment.tools:
+        from rlhf_cli.environments.rollout import environment_from_config
+
+        episodes = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name)
+    out = Samples([], [], [], [], [] if reference is not None else None, [] if episodes is not None else None)
     forked = [lm.device] if lm.device.type == "cuda" else []
     for b, start in enumerate(range(0, len(rows), batch_size)):
         q, m = lm.encode_device(rows[start : start + batch_size])
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed + b)
-            raw = sample_responses(lm.model, q, m)
-        responses, lengths, stopped = truncate_after_stop(raw, stop_id, pad)
-        mask = lengths_to_mask(lengths, responses.shape[1])
+            if episodes is None:
+                raw = sample_responses(lm.model, q, m)
+            else:
+                exp = episodes.rollout(q, m)
+        if episodes is None:
+            responses, lengths, stopped = truncate_after_stop(raw, stop_id, pad)
+            mask = own = lengths_to_mask(lengths, responses.shape[1])
+        else:
+            responses, mask, own, stopped = exp.response_ids, exp.response_mask, exp.loss_mask, exp.stopped
+            lengths = own.sum(1)
+            out.episodes += exp.episodes
         if reference is not None:
             logprobs = lm.response_logprobs(q, m, responses, mask, gen.temperature)
             ref_logprobs = reference.response_logprobs(q, m, responses, mask, gen.temperature)
-            out.kls.append(sequence_kl(logprobs, ref_logprobs, mask).cpu())
+            out.kls.append(sequence_kl(logprobs, ref_logprobs, own).cpu())
         out.prompts += tokenizer.batch_decode(q, skip_special_tokens=True)
         out.responses += tokenizer.batch_decode(responses.masked_fill(~mask, pad), skip_special_tokens=True)
         out.lengths.append(lengths.cpu())

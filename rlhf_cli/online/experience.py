@@ -31,6 +31,7 @@ class Experience:
     values: torch.Tensor | None = None  # (B, T) float32 (algorithms with a critic)
     loss_mask: torch.Tensor | None = None  # (B, T) bool; None: the response mask
     group_ids: torch.Tensor | None = None  # (B,) long: which prompt of the batch each row answers
+    episodes: list | None = None  # a text environment's Episode per row (environments/rollout.py)
     # filled in by the trainer and the algorithm during a step
     old_logprobs: torch.Tensor | None = None  # (B, T)
     ref_logprobs: torch.Tensor | None = None  # (B, T); None without a reference

@@ -65,6 +65,7 @@ class OnlineTrainer:
             self.reference if self.reference is not None else unwrapped.policy)
         install_sampling_config(unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
         self.sampler = HFSampler(unwrapped, self.temperature, accelerator)
+        self.environment = None  # a TextEnvironment (environments/rollout.py): multi-turn episodes with tools
         self.episode = 0
 
     @property
@@ -104,9 +105,12 @@ class OnlineTrainer:
         if n > 1:
             query_ids, query_mask, group_ids = (x.repeat_interleave(n, 0) for x in (query_ids, query_mask, group_ids))
         self.model.eval()
-        responses, logprobs, values = self.sampler.sample(query_ids, query_mask, self.forward_batch_size,
-                                                          self.tokenizer.pad_token_id)
-        exp = self.rollout_from(query_ids, query_mask, responses, logprobs, values)
+        if self.environment is not None:
+            exp = self.environment.rollout(query_ids, query_mask)
+        else:
+            responses, logprobs, values = self.sampler.sample(query_ids, query_mask, self.forward_batch_size,
+                                                              self.tokenizer.pad_token_id)
+            exp = self.rollout_from(query_ids, query_mask, responses, logprobs, values)
         exp.group_ids = group_ids
         return exp
 

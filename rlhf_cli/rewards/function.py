@@ -16,6 +16,7 @@ BUILTIN_FUNCTIONS = {
     "sentiment": ("rlhf_cli.builtin.sentiment", "sentiment_reward"),
     "mild-toxicity": ("rlhf_cli.builtin.toxicity", "mild_toxicity_reward"),
     "exact-answer": ("rlhf_cli.builtin.arithmetic", "exact_answer_reward"),
+    "tool-answer": ("rlhf_cli.builtin.tool_world", "tool_answer_reward"),
 }
 
 

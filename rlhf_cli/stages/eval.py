@@ -13,6 +13,7 @@ import torch
 
 from rlhf_cli.config.schema import EvalConfig
 from rlhf_cli.data.loading import load_dataset_dict, require_columns
+from rlhf_cli.environments.rollout import episode_stats
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import plots
 from rlhf_cli.evaluation.metrics import summarise, win_rate
@@ -135,11 +136,14 @@ def run(config: EvalConfig, resume: bool = False, overwrite: bool = False) -> No
         started = time.perf_counter()
         lm = reference if name == opts.reference_model else EvalModel(name, device, key, tokenizers[name])
         ids = encode_prompt_set(prompts, lm.tokenizer, config.data, f"prompts for {name}")
-        samples = sample_model(lm, repeat_rows(ids, opts.samples_per_prompt), gen, opts.seed, opts.batch_size, reference)
-        combined, parts = reward.score(samples.prompts, samples.responses, row_columns)
+        samples = sample_model(lm, repeat_rows(ids, opts.samples_per_prompt), gen, opts.seed, opts.batch_size, reference,
+                               config.environment)
+        episodes = {} if samples.episodes is None else {"episodes": samples.episodes}  # reward functions get them
+        combined, parts = reward.score(samples.prompts, samples.responses, {**row_columns, **episodes})
         label = labels[name]
         results[label] = {"model": name, **summarise(parts, combined, samples.lengths, samples.stopped,
                                                      samples.responses, samples.kls)}
+        results[label]["environment"] = episode_stats(samples.episodes) if samples.episodes is not None else None
         results[label]["training_alarms"] = read_alarms(name)  # an online run's reward-hacking alarms, if any
         results[label]["perplexity"] = (
             held_out_perplexity(lm, texts, min(config.data.max_length, lm.tokenizer.model_max_length), opts.batch_size)

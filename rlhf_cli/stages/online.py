@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.data.loading import load_splits, require_columns
+from rlhf_cli.environments.rollout import environment_from_config, episode_stats
 from rlhf_cli.errors import UserError
 from rlhf_cli.lm.generation import encode_prompt_set, left_pad
 from rlhf_cli.models.adapters import save_final_model
@@ -45,6 +46,8 @@ def score(reward: CombinedReward, rollout: Experience, columns: dict, rows: list
     """The rollout's scores (B,) and each source's part (`rows`: the dataset row of each response); reward models run at the run's compute
     precision, like the policy and the reference (docs/ppo.md, Precision)."""
     batch_columns = {name: [values[i] for i in rows] for name, values in columns.items()}
+    if rollout.episodes is not None:  # a text environment's episodes reach reward functions as `episodes`
+        batch_columns["episodes"] = rollout.episodes
     with accelerator.autocast():
         return reward.score(rollout.prompts, rollout.responses, batch_columns)
 
@@ -98,6 +101,12 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     monitored = [name for name, weight in zip(reward.names, reward.weights, strict=True) if weight == 0]
     trainer = OnlineTrainer(config, algorithm, options.total_episodes, model, tokenizer, accelerator, reference,
                             options.local_rollout_forward_batch_size, num_generations, alarms=alarms)
+    if config.environment.tools:
+        trainer.environment = environment_from_config(config.environment, config.generation, trainer.unwrapped.policy,
+                                                      tokenizer, trainer.stop_id, config.model.model_name_or_path,
+                                                      accelerator.autocast)
+        log.info("text environment: tools %s, at most %d turns and %d tokens per episode",
+                 ", ".join(trainer.environment.runner.tools), config.environment.max_turns, config.environment.max_length)
     prompts_per_batch = trainer.batch_size // num_generations
     order = BatchOrder(len(train_ids), prompts_per_batch, accelerator.num_processes, accelerator.process_index,
                        training.seed)
@@ -169,6 +178,8 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
         elapsed = time.perf_counter() - t0
         tokens = accelerator.reduce(rollout.response_mask.sum().float(), "sum").item()
         episodes = len(rows) * accelerator.num_processes
+        if rollout.episodes is not None:
+            stats.update(environment_stats(trainer.environment, rollout, accelerator))
         stats.update({
             "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
             "episodes_per_s": episodes / elapsed, "tokens_per_s": tokens / elapsed,
@@ -207,6 +218,15 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
         if alarms.events or alarms.stop:
             log.warning("reward-hacking alarms in this run: %s (alarms.json)", describe(alarms.summary()))
     finish_run(run_)
+
+
+def environment_stats(environment, rollout: Experience, accelerator) -> dict[str, float]:
+    """The environment's figures of this batch (environments/rollout.py `episode_stats`) and the seconds
+    its rollout spent waiting for tools, averaged over processes."""
+    stats = episode_stats(rollout.episodes)
+    stats["time/tools_s"] = environment.timings["tools_s"]
+    values = accelerator.reduce(torch.tensor(list(stats.values()), device=accelerator.device), "mean").tolist()
+    return dict(zip(stats, values, strict=True))
 
 
 def value_head_module(trainer: OnlineTrainer) -> dict:

@@ -23,6 +23,8 @@ COLUMNS = {
     "review-chat": ["messages", "label"],
     "review-prompts": ["prompt"],
     "arithmetic": ["prompt", "answer", "completion"],
+    "tool-arithmetic": ["prompt", "answer", "expression"],
+    "tool-arithmetic-demos": ["prompt", "completion", "answer", "expression", "mistake"],
 }
 
 

@@ -116,6 +116,22 @@ def test_prompt_and_completion_are_tokenized_apart(tok):
     assert out["labels"] == [X, X, 98, EOS]
 
 
+def test_tool_results_in_a_demonstration_are_tokenized_apart_and_not_trained(tok):
+    """A text-environment demo: the model's call and answer are trained, the result (markers included)
+    is context, tokenized on its own as the environment appends it -- here "a" + "b" would merge
+    across the call/result boundary if the completion were tokenized whole."""
+    row = {"prompt": "Q", "completion": "ca<r>b</r>!"}
+    out = tokenize_example(row, tok, "prompt-completion", cfg(tool_result_markers=["<r>", "</r>"]))
+    assert out["input_ids"] == [81, *b("ca"), *b("<r>b</r>"), *b("!"), EOS]
+    assert out["labels"] == [X, *b("ca"), *[X] * 8, *b("!"), EOS]
+    whole = tokenize_example(row, tok, "prompt-completion", cfg(tool_result_markers=["<r>", "</r>"],
+                                                                  completion_only_loss=False))
+    assert whole["labels"] == [81, *b("ca"), *[X] * 8, *b("!"), EOS]  # results stay untrained
+    unclosed = tokenize_example({"prompt": "Q", "completion": "c<r>b"}, tok, "prompt-completion",
+                                cfg(tool_result_markers=["<r>", "</r>"]))
+    assert unclosed["labels"] == [X, *b("c"), X, X, X, X, EOS]
+
+
 def test_messages_train_only_assistant_tokens(tok):
     messages = [
         {"role": "user", "content": "hi"},

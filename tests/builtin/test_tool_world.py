@@ -1,0 +1,265 @@
+"""The built-in tool-use world: word problems (builtin:tool-arithmetic), demonstrations of the calculator
+protocol (builtin:tool-arithmetic-demos) and the gold checker builtin:tool-answer."""
+
+import random
+import re
+
+import pytest
+
+from rlhf_cli.builtin import tool_world
+from rlhf_cli.builtin.datasets import DEFAULT_SIZES, is_held_out, load_builtin_dataset
+from rlhf_cli.builtin.tokenizer import builtin_tokenizer
+from rlhf_cli.builtin.tool_world import (
+    MISTAKES,
+    TEMPLATES,
+    demonstration,
+    final_answer,
+    problem_row,
+    tool_answer_reward,
+)
+from rlhf_cli.config.schema import SFTDataConfig
+from rlhf_cli.data.loading import load_dataset_dict
+from rlhf_cli.data.sft_format import IGNORE_INDEX, detect_format, tokenize_example
+from rlhf_cli.environments.calculator import calculate
+from rlhf_cli.environments.tools import Tool, ToolRunner
+from rlhf_cli.errors import UserError
+from rlhf_cli.rewards.function import BUILTIN_FUNCTIONS, FunctionReward
+
+# Token bounds with the built-in tokenizer (the default datasets reach 58, 117 and 171; 112 without a
+# mistake): configs can set SFT max_length 192, and an RL response budget of 128 covers every demo.
+MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS, MAX_EPISODE_TOKENS = 64, 128, 192
+# One episode after the prompt: one or two " <call>...</call><result>...</result>" turns, then the answer.
+TURN = re.compile(r" <call>calculator ([^<]*)</call><result>([^<]*)</result>")
+EPISODE = re.compile(rf"(?:{TURN.pattern}){{1,2}} The answer is (-?\d+)\.")
+EXPRESSION = re.compile(r"[\d()+*-]+")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return load_builtin_dataset("tool-arithmetic", seed=0)
+
+
+@pytest.fixture(scope="module")
+def demos():
+    return load_builtin_dataset("tool-arithmetic-demos", seed=0)
+
+
+def test_default_sizes_and_columns(problems, demos):
+    assert DEFAULT_SIZES["tool-arithmetic"] == DEFAULT_SIZES["tool-arithmetic-demos"] == (4000, 200)
+    for data, columns in (
+        (problems, ["prompt", "answer", "expression"]),
+        (demos, ["prompt", "completion", "answer", "expression", "mistake"]),
+    ):
+        assert (data["train"].num_rows, data["test"].num_rows) == (4000, 200)
+        assert data["train"].column_names == data["test"].column_names == columns
+
+
+def test_same_seed_same_rows_other_seed_other_rows_test_independent_of_train_size():
+    for name in ("tool-arithmetic", "tool-arithmetic-demos"):
+        a = load_builtin_dataset(name, seed=3, num_train=50, num_test=20)
+        b = load_builtin_dataset(name, seed=3, num_train=50, num_test=20)
+        c = load_builtin_dataset(name, seed=4, num_train=50, num_test=20)
+        d = load_builtin_dataset(name, seed=3, num_train=300, num_test=20)
+        for split in ("train", "test"):
+            assert a[split].to_dict() == b[split].to_dict() != c[split].to_dict()
+        assert a["test"].to_dict() == d["test"].to_dict()
+
+
+def test_answers_are_the_calculators_value_of_the_expression(problems):
+    for split in ("train", "test"):
+        for row in problems[split]:
+            assert EXPRESSION.fullmatch(row["expression"]), row
+            assert row["answer"] == calculate(row["expression"]) and int(row["answer"]) > 0
+            # the story gives the two-digit numbers in the order the expression uses them
+            numbers = re.findall(r"\d+", row["expression"])
+            assert re.findall(r"\d+", row["prompt"]) == numbers and all(len(n) == 2 for n in numbers)
+            assert row["prompt"].endswith(tool_world.ANSWER_CUE) and row["prompt"].isascii()
+            assert len(row["prompt"].split()) < 40
+
+
+def test_every_template_is_used_and_its_expression_has_the_templates_shape(problems):
+    shapes = {re.sub(r"\d+", "n", shape.format(a=1, b=1, c=1, d=1)) for shape, _, _ in TEMPLATES}
+    used = {re.sub(r"\d+", "n", e) for e in problems["train"]["expression"]}
+    assert used == shapes and len(shapes) == len(TEMPLATES) == 8
+
+
+def test_problem_row_fills_a_template():
+    shape, text, _ = TEMPLATES[0]
+    words = tool_world._words(random.Random(0)) | {"name": "Ann", "he": "she", "He": "She"}
+    words |= {"items": "apples", "containers": "boxes", "loses": "gives away"}
+    assert problem_row(shape, text, [23, 17, 9], words) == {
+        "prompt": "Ann has 23 boxes of 17 apples. She gives away 9 apples. "
+        "How many apples does she have now?\nAnswer:",
+        "answer": "382",
+        "expression": "23*17-9",
+    }
+
+
+def test_held_out_problems_are_never_in_train(problems, demos):
+    test = set(problems["test"]["expression"])
+    for data in (problems, demos):
+        train = set(data["train"]["expression"])
+        assert not train & test and not train & set(data["test"]["expression"])
+        assert not set(data["train"]["prompt"]) & set(data["test"]["prompt"])
+        for row in data["test"]:
+            assert is_held_out(row["expression"]) and is_held_out(row["prompt"])
+        for row in data["train"]:
+            assert not is_held_out(row["expression"]) and not is_held_out(row["prompt"])
+    assert len(test) == problems["test"].num_rows  # each held-out problem once
+
+
+def test_demos_follow_the_protocol_with_the_calculators_real_results(demos):
+    for split in ("train", "test"):
+        for row in demos[split]:
+            assert EPISODE.fullmatch(row["completion"]), row["completion"]
+            turns = TURN.findall(row["completion"])
+            assert turns[-1] == (row["expression"], row["answer"])  # the last call is right
+            assert row["completion"].endswith(f" The answer is {row['answer']}.")
+            assert len(turns) == (2 if row["mistake"] else 1)
+            if row["mistake"]:
+                argument, result = turns[0]
+                assert argument == MISTAKES[row["mistake"]](row["expression"])
+                assert result.startswith("error: ") and result == tool_world.tool_output(argument)
+
+
+def test_demo_results_are_exactly_what_the_tool_runner_returns(demos):
+    """The environment's own runner, given each call of the first demos, answers with the same text."""
+    calls = [
+        call for completion in demos["train"]["completion"][:300] for call, _ in TURN.findall(completion)
+    ]
+    expected = [
+        result for completion in demos["train"]["completion"][:300] for _, result in TURN.findall(completion)
+    ]
+    runner = ToolRunner({"calculator": Tool("calculator", calculate)}, timeout_s=10, max_response_chars=200)
+    results = runner.run([("calculator", call) for call in calls])
+    assert [result.text for result in results] == expected
+    assert any(result.status == "error" for result in results)
+
+
+def test_mistakes_are_about_fifteen_percent_and_of_every_kind(demos):
+    kinds = demos["train"]["mistake"]
+    assert 0.11 < sum(bool(kind) for kind in kinds) / len(kinds) < 0.19
+    assert set(kinds) == {"", *MISTAKES}
+
+
+def test_a_recovered_mistake_reads_the_calculators_error():
+    row = {"prompt": "p", "answer": "382", "expression": "23*17-9"}
+    rng = random.Random(0)
+    episodes = {}
+    while len(episodes) < len(MISTAKES) + 1:  # every kind and no mistake
+        demo = demonstration(rng, row)
+        episodes[demo["mistake"]] = demo["completion"]
+    assert episodes["cut"] == (
+        " <call>calculator 23*17-</call><result>error: unexpected end of expression</result>"
+        " <call>calculator 23*17-9</call><result>382</result> The answer is 382."
+    )
+    assert "<result>error: unexpected character 'x' at position 2</result>" in episodes["x"]
+    assert "<result>error: unexpected character '=' at position 7</result>" in episodes["equals"]
+    assert "<result>error: missing ')' for the '(' at position 0</result>" in episodes["paren"]
+    assert episodes[""] == " <call>calculator 23*17-9</call><result>382</result> The answer is 382."
+
+
+def test_token_lengths_with_the_builtin_tokenizer(demos):
+    tokenizer = builtin_tokenizer()
+    for split in ("train", "test"):
+        rows = demos[split].to_dict()
+        prompts = tokenizer(rows["prompt"])["input_ids"]
+        completions = tokenizer(rows["completion"])["input_ids"]
+        for prompt, completion, text in zip(prompts, completions, rows["completion"], strict=True):
+            assert len(prompt) <= MAX_PROMPT_TOKENS
+            assert len(completion) + 1 <= MAX_COMPLETION_TOKENS  # + the eos
+            assert len(prompt) + len(completion) + 1 <= MAX_EPISODE_TOKENS
+            assert tokenizer.decode(completion) == text
+
+
+def test_demos_are_sft_prompt_completion_data_that_the_checker_scores_right(demos):
+    tokenizer = builtin_tokenizer()
+    rows = demos["train"].select(range(50))
+    cfg = SFTDataConfig(dataset_name="builtin:tool-arithmetic-demos")
+    assert detect_format(rows.column_names, cfg) == "prompt-completion"
+    for row in rows:
+        out = tokenize_example(row, tokenizer, "prompt-completion", cfg)
+        trained = [
+            i for i, label in zip(out["input_ids"], out["labels"], strict=True) if label != IGNORE_INDEX
+        ]
+        assert trained[-1] == tokenizer.eos_token_id
+        response = tokenizer.decode(trained, skip_special_tokens=True)
+        assert response == row["completion"]
+        assert tool_answer_reward([row["prompt"]], [response], answer=[row["answer"]]) == [1.0]
+
+
+def test_loads_through_the_dataset_loader_by_builtin_name():
+    data = load_dataset_dict("builtin:tool-arithmetic", world_seed=3)
+    assert data["train"].to_dict() == load_builtin_dataset("tool-arithmetic", seed=3)["train"].to_dict()
+    demos = load_dataset_dict("builtin:tool-arithmetic-demos", world_seed=0)
+    assert demos["test"].num_rows == 200
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "score"),
+    [
+        (" <call>calculator 23*17-9</call><result>382</result> The answer is 382.", "382", 1.0),
+        (" <call>calculator 23*17-9</call><result>382</result>", "382", 0.0),  # only in the result
+        (" <call>calculator 382</call>", "382", 0.0),  # only in a call
+        (" <call>calculator 382", "382", 0.0),  # in a call cut off by the length budget
+        (" The answer is 382.", "382", 1.0),  # no tool call: the "without tools" baseline
+        (" 382", "382", 1.0),
+        (" The answer is 383.", "382", 0.0),  # wrong
+        (" The answer is 38.", "382", 0.0),
+        (" The answer is 382, no, 383.", "382", 0.0),  # the last number counts
+        (" 23*17-9 is 382", "382", 1.0),
+        (" The answer is 382.0", "382", 1.0),  # the same value
+        (
+            " The answer is 382. <call>calculator 1+1</call><result>2</result>",
+            "382",
+            0.0,
+        ),  # after the last result
+        (" The answer is 382.<call>calculator 5", "382", 1.0),  # an unclosed call at the end is no answer
+        (" 38<call>calculator 2</call>2", "382", 0.0),  # a call between digits splits them
+        (" <call>calculator 1-383</call><result>-382</result> The answer is -382.", "-382", 1.0),  # negative
+        (" The answer is 382.", "-382", 0.0),  # sign matters
+        (" The answer is -382.", "382", 0.0),
+        (
+            " <call>calculator 2-</call><result>error: unexpected end of expression</result> It is 7.",
+            "7",
+            1.0,
+        ),
+        ("", "382", 0.0),
+        (" I do not know.", "382", 0.0),
+    ],
+)
+def test_checker_judges_the_final_answer(response, answer, score):
+    assert tool_answer_reward(["p"], [response], answer=[answer]) == [score]
+
+
+def test_final_answer():
+    assert final_answer("<result>5</result> so 12 then -3.") == -3
+    assert final_answer("<call>calculator 4</call><result>4</result>") is None
+
+
+def test_checker_ignores_episodes_and_other_columns_and_takes_numeric_answers():
+    scores = tool_answer_reward(
+        ["a", "b"], [" 4", " 5"], answer=[4, "6"], expression=["x", "y"], episodes=[{}, {}]
+    )
+    assert scores == [1.0, 0.0]
+
+
+def test_checker_errors_name_the_problem():
+    with pytest.raises(UserError, match="'answer'.*other columns are: expression"):
+        tool_answer_reward(["p"], [" 1"], expression=["1"])
+    with pytest.raises(UserError, match="must hold numbers; row 1 of the batch has 'two'"):
+        tool_answer_reward(["p", "q"], [" 1", " 2"], answer=["1", "two"])
+    with pytest.raises(ValueError):
+        tool_answer_reward(["p"], [], answer=[])
+    with pytest.raises(ValueError):
+        tool_answer_reward(["p"], [" 1"], answer=["1", "2"])
+
+
+def test_registered_as_builtin_tool_answer_and_scores_the_demos(demos):
+    assert "tool-answer" in BUILTIN_FUNCTIONS
+    rows = demos["test"].to_dict()
+    reward = FunctionReward("builtin:tool-answer")
+    columns = {"answer": rows["answer"], "expression": rows["expression"]}
+    assert reward(rows["prompt"], rows["completion"], columns).tolist() == [1.0] * len(rows["prompt"])
+    wrong = [completion.replace("The answer is ", "The answer is 1") for completion in rows["completion"]]
+    assert reward(rows["prompt"], wrong, columns).sum() == 0
