@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 from rlhf_cli.errors import UserError
@@ -65,13 +65,20 @@ def exact_answer_reward(prompts: list[str], responses: list[str], **columns: lis
     ``answer`` column (strings or numbers) comes from the dataset, as with every reward function;
     other columns are ignored.
     """
+    return score_answers("builtin:exact-answer", "builtin:arithmetic", first_number, prompts, responses, columns)
+
+
+def score_answers(reward: str, dataset: str, read: Callable[[str], Decimal | None], prompts: list[str],
+                  responses: list[str], columns: dict[str, list]) -> list[float]:
+    """1.0 for each response whose number, as `read` finds it, equals its row's ``answer`` by value, else
+    0.0; the shared body of the exact-answer checkers (`reward` and `dataset` name them in errors)."""
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     if ANSWER_COLUMN not in columns:
         present = ", ".join(sorted(columns)) or "none"
         raise UserError(
-            f"builtin:exact-answer needs the dataset column {ANSWER_COLUMN!r} (the exact answer of each "
-            f"prompt, as in builtin:arithmetic); the dataset's other columns are: {present}"
+            f"{reward} needs the dataset column {ANSWER_COLUMN!r} (the exact answer of each "
+            f"prompt, as in {dataset}); the dataset's other columns are: {present}"
         )
     answers = list(columns[ANSWER_COLUMN])
     if len(answers) != len(responses):
@@ -80,9 +87,6 @@ def exact_answer_reward(prompts: list[str], responses: list[str], **columns: lis
     for i, (answer, response) in enumerate(zip(answers, responses, strict=True)):
         gold = NUMBER.fullmatch(str(answer).strip())
         if gold is None:
-            raise UserError(
-                f"builtin:exact-answer: column {ANSWER_COLUMN!r} must hold numbers; "
-                f"row {i} of the batch has {answer!r}"
-            )
-        scores.append(1.0 if first_number(response) == Decimal(gold.group()) else 0.0)
+            raise UserError(f"{reward}: column {ANSWER_COLUMN!r} must hold numbers; row {i} of the batch has {answer!r}")
+        scores.append(1.0 if read(response) == Decimal(gold.group()) else 0.0)
     return scores

@@ -45,11 +45,10 @@ import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
-from rlhf_cli.builtin.arithmetic import ANSWER_COLUMN, NUMBER
+from rlhf_cli.builtin.arithmetic import NUMBER, score_answers
 from rlhf_cli.environments.calculator import calculate
 from rlhf_cli.environments.errors import ToolError
 from rlhf_cli.environments.tools import error_text
-from rlhf_cli.errors import UserError
 
 TOOL_NAME = "calculator"
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
@@ -226,23 +225,4 @@ def tool_answer_reward(
     episodes the rollout may pass) is ignored: the text alone decides, so the score of an episode is the
     same however it was produced. Columns other than ``answer`` are ignored."""
     del episodes
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    if ANSWER_COLUMN not in columns:
-        present = ", ".join(sorted(columns)) or "none"
-        raise UserError(
-            f"builtin:tool-answer needs the dataset column {ANSWER_COLUMN!r} (the exact answer of each "
-            f"prompt, as in builtin:tool-arithmetic); the dataset's other columns are: {present}"
-        )
-    answers = list(columns[ANSWER_COLUMN])
-    if len(answers) != len(responses):
-        raise ValueError(f"got {len(answers)} answers but {len(responses)} responses")
-    scores = []
-    for i, (answer, response) in enumerate(zip(answers, responses, strict=True)):
-        gold = NUMBER.fullmatch(str(answer).strip())
-        if gold is None:
-            raise UserError(
-                f"builtin:tool-answer: column {ANSWER_COLUMN!r} must hold numbers; row {i} of the batch has {answer!r}"
-            )
-        scores.append(1.0 if final_answer(response) == Decimal(gold.group()) else 0.0)
-    return scores
+    return score_answers("builtin:tool-answer", "builtin:tool-arithmetic", final_answer, prompts, responses, columns)
