@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_cli.environments.protocol import TextProtocol
-from rlhf_cli.environments.tools import Tool, ToolRunner
+from rlhf_cli.environments.tools import Tool, ToolRunner, load_tools
 from rlhf_cli.errors import UserError
 from rlhf_cli.lm.generation import left_pad
 from rlhf_cli.online.experience import Experience
@@ -204,8 +204,6 @@ def environment_from_config(env, generation, model, tokenizer, stop_id: int | No
                             autocast: Callable = contextlib.nullcontext) -> TextEnvironment:
     """The TextEnvironment of an `environment` section (its tools loaded now: a bad spec is a
     UserError naming `environment.tools[i]`); `generation.response_length` bounds a turn."""
-    from rlhf_cli.environments.tools import load_tools
-
     if getattr(model.config, "is_encoder_decoder", False):
         raise UserError(f"environment.tools: {model_name} is an encoder-decoder; a text environment appends tool "
                         "results to the sequence the model writes, which needs a causal LM.")

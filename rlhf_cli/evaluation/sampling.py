@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.config.sections import GenerationConfig
+from rlhf_cli.environments.rollout import environment_from_config
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.metrics import sequence_kl
 from rlhf_cli.lm.forward import model_inputs, response_slice
@@ -98,22 +99,20 @@ def sample_model(
     tokenizer, pad = lm.tokenizer, lm.tokenizer.pad_token_id
     stop_id = stop_token_id(gen, tokenizer)
     install_sampling_config(lm.model, gen, stop_id, pad)
-    episodes = None
+    env = None
     if environment is not None and environment.tools:
-        from rlhf_cli.environments.rollout import environment_from_config
-
-        episodes = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name)
-    out = Samples([], [], [], [], [] if reference is not None else None, [] if episodes is not None else None)
+        env = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name)
+    out = Samples([], [], [], [], [] if reference is not None else None, [] if env is not None else None)
     forked = [lm.device] if lm.device.type == "cuda" else []
     for b, start in enumerate(range(0, len(rows), batch_size)):
         q, m = lm.encode_device(rows[start : start + batch_size])
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed + b)
-            if episodes is None:
+            if env is None:
                 raw = sample_responses(lm.model, q, m)
             else:
-                exp = episodes.rollout(q, m)
-        if episodes is None:
+                exp = env.rollout(q, m)
+        if env is None:
             responses, lengths, stopped = truncate_after_stop(raw, stop_id, pad)
             mask = own = lengths_to_mask(lengths, responses.shape[1])
         else:

@@ -40,9 +40,9 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     """
     keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids")
     inputs = {k: batch[k] for k in keys if k in batch}
-    logits = model(**inputs, use_cache=False).logits.float()  # (B, T, V)
     labels = targets(batch)  # (B, T')
-    logits = logits[:, : labels.shape[1]]  # a causal LM's last position predicts nothing
+    # (B, T', V): a causal LM's last position predicts nothing; sliced before the float32 copy
+    logits = model(**inputs, use_cache=False).logits[:, : labels.shape[1]].float()
     mask = labels != -100
     safe_labels = labels.masked_fill(~mask, 0)
     loss = F.cross_entropy(logits.transpose(1, 2), safe_labels, reduction="none") * mask
