@@ -4,7 +4,10 @@
 follows the same rules: its prompts are held out by the same hash. ``tool-arithmetic`` and
 ``tool-arithmetic-demos``, word problems for RL with the calculator and SFT demonstrations of the tool
 protocol, come from ``tool_world.py``; a test row has both its prompt and its expression on the held-out
-side (a train row neither), so a test problem is never a train problem of either, in any wording.)
+side (a train row neither), so a test problem is never a train problem of either, in any wording. Their
+chat versions ``tool-arithmetic-chat`` and ``tool-arithmetic-chat-demos`` follow the same rule, the user's
+question standing for the prompt; the expression's side keeps their test problems out of every train
+split of the four.)
 
 Every dataset is a ``DatasetDict`` with ``train`` and ``test`` splits, fixed by ``seed`` (another
 seed gives other rows) and cached nowhere (the default sizes take 1-6 s each, VADER scoring most
@@ -46,6 +49,9 @@ BUILTIN_DATASETS: dict[str, str] = {
     "arithmetic": "sums of 2-3 single-digit operands with + and -: prompt '7 + 5 =', answer '12', completion ' 12'",
     "tool-arithmetic": "word problems over 2-digit numbers to solve with the calculator: prompt, answer, expression",
     "tool-arithmetic-demos": "episodes of the calculator protocol for SFT: prompt, completion, answer, expression, mistake",
+    "tool-arithmetic-chat": "the word problems for chat models: prompt (one user message), answer, expression",
+    "tool-arithmetic-chat-demos": "chat episodes with calculator tool calls for SFT: messages, answer, expression, "
+                                  "mistake, tools (the calculator's JSON schema)",
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "reviews": (20_000, 1_000),
@@ -55,11 +61,29 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "arithmetic": (2_000, 200),  # of 178 + 3587 train and 22 + 413 held-out problems (2 + 3 operands)
     "tool-arithmetic": (4_000, 200),
     "tool-arithmetic-demos": (4_000, 200),
+    "tool-arithmetic-chat": (4_000, 200),
+    "tool-arithmetic-chat-demos": (4_000, 200),
 }
 MIN_PREFERENCE_GAP = 0.2
 HELD_OUT_PERCENT = 10
 
 _STRING = Value("string")
+_MESSAGES = List({"role": _STRING, "content": _STRING})
+
+
+def _feature(value: object) -> object:
+    """The datasets feature of a JSON value made of mappings, lists and strings (a tool schema)."""
+    if isinstance(value, dict):
+        return {key: _feature(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return List(_feature(value[0]))
+    return _STRING
+
+
+_TOOL_CALL_MESSAGES = List({
+    "role": _STRING, "content": _STRING, "name": _STRING,
+    "tool_calls": List({"type": _STRING, "function": {"name": _STRING, "arguments": {"expression": _STRING}}}),
+})
 _FEATURES = {
     "reviews": Features(
         {
@@ -85,6 +109,11 @@ _FEATURES = {
     "tool-arithmetic": Features({"prompt": _STRING, "answer": _STRING, "expression": _STRING}),
     "tool-arithmetic-demos": Features(
         {"prompt": _STRING, "completion": _STRING, "answer": _STRING, "expression": _STRING, "mistake": _STRING}
+    ),
+    "tool-arithmetic-chat": Features({"prompt": _MESSAGES, "answer": _STRING, "expression": _STRING}),
+    # "tools" is added when first needed (`_features`): its feature is read off the calculator's schema
+    "tool-arithmetic-chat-demos": Features(
+        {"messages": _TOOL_CALL_MESSAGES, "answer": _STRING, "expression": _STRING, "mistake": _STRING}
     ),
 }
 # Label pairs for preference pairs: mostly opposite polarities, some harder same-polarity pairs.
@@ -191,6 +220,24 @@ def _tool_demo_rows(rng: random.Random, test: bool) -> Iterator[Row]:
         yield tool_world.demonstration(rng, row)
 
 
+def _chat_tool_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    # as _tool_rows, the user's question standing for the prompt
+    for row in tool_world.random_problems(rng):
+        if is_held_out(row["expression"]) == is_held_out(tool_world.question(row)) == test:
+            yield row
+
+
+def _chat_problem_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    for row in _chat_tool_rows(rng, test):
+        yield tool_world.chat_problem_row(row)
+
+
+def _chat_demo_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    schema = tool_world.calculator_schema()
+    for row in _chat_tool_rows(rng, test):
+        yield tool_world.chat_demonstration(rng, row, schema)
+
+
 _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[[Row], object]]] = {
     # name: (row generator, the part of a row that must be unique within a split)
     "reviews": (_review_rows, lambda row: row["text"]),
@@ -200,6 +247,8 @@ _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[
     "arithmetic": (_arithmetic_rows, lambda row: row["prompt"]),
     "tool-arithmetic": (_tool_rows, lambda row: row["expression"]),
     "tool-arithmetic-demos": (_tool_demo_rows, lambda row: row["expression"]),
+    "tool-arithmetic-chat": (_chat_problem_rows, lambda row: row["expression"]),
+    "tool-arithmetic-chat-demos": (_chat_demo_rows, lambda row: row["expression"]),
 }
 
 
@@ -216,6 +265,7 @@ def _split(name: str, seed: int, split: str, size: int) -> Dataset:
                 f"built-in dataset {name!r}: could not make {size} distinct {split} rows; ask for fewer"
             )
         key, prompt = unique_key(row), row.get("prompt")
+        prompt = repr(prompt) if isinstance(prompt, list) else prompt  # a conversation, as a set member
         if key in seen or (test and prompt is not None and prompt in seen_prompts):
             continue
         seen.add(key)
@@ -226,8 +276,15 @@ def _split(name: str, seed: int, split: str, size: int) -> Dataset:
     if name == "reviews":
         scores = sentiment_scores([row["text"] for row in rows])
         rows = [row | {"sentiment": score} for row, score in zip(rows, scores, strict=True)]
-    columns = {column: [row[column] for row in rows] for column in _FEATURES[name]}
-    return Dataset.from_dict(columns, features=_FEATURES[name])
+    features = _features(name)
+    columns = {column: [row[column] for row in rows] for column in features}
+    return Dataset.from_dict(columns, features=features)
+
+
+def _features(name: str) -> Features:
+    if name == "tool-arithmetic-chat-demos":
+        return Features({**_FEATURES[name], "tools": List(_feature(tool_world.calculator_schema()))})
+    return _FEATURES[name]
 
 
 def load_builtin_dataset(

@@ -45,16 +45,51 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, *ROLE_TOKENS)
 # One role token and a newline open every turn. The assistant's content and the eos that ends it sit
 # inside {% generation %} so `return_assistant_tokens_mask=True` marks exactly the tokens SFT learns
 # (including eos, so the model learns to stop). `add_generation_prompt` opens an assistant turn.
+# Tool calling, Qwen 2.5 style with no new tokens: `tools` open the conversation with a system turn that
+# lists their JSON schemas (the `function` part), one per line, and says how to call them (a system message of the
+# conversation is written first in that turn); an assistant message's `tool_calls` are written, inside the
+# generation markers (the model writes them), after its content as `<tool_call>\n{"name": ...,
+# "arguments": {...}}\n</tool_call>`, one per line; a `tool` message is a user turn
+# `<|user|>\n<tool_response>\n...\n</tool_response>\n`. Without tools, tool calls or tool messages a
+# conversation renders exactly as before these were added.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{- raise_exception('Unknown chat role ' + message['role'] + ': use system, user or assistant') }}"
+    "{%- if tools %}"
+    "{{- '<|system|>\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n' }}{%- endif %}"
+    "{{- 'You can call these tools:\\n' }}"
+    "{%- for tool in tools %}"
+    "{{- (tool['function'] if tool['function'] is defined else tool) | tojson }}{{- '\\n' }}"
+    "{%- endfor %}"
+    "{{- 'Call a tool with <tool_call>\\n{\"name\": ..., \"arguments\": {...}}\\n</tool_call>\\n' }}"
     "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{- raise_exception('Unknown chat role ' + message['role'] + ': use system, user, assistant or tool') }}"
+    "{%- endif %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"  # written with the tools above
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|user|>\\n<tool_response>\\n' }}"
+    "{{- message['content'] if message['content'] is string else message['content'] | tojson }}"
+    "{{- '\\n</tool_response>\\n' }}"
+    "{%- else %}"
     "{{- '<|' + message['role'] + '|>\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{%- generation %}"
+    "{{- message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set call = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": ' + (call['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- call['arguments'] if call['arguments'] is string else call['arguments'] | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- eos_token }}"
+    "{%- endgeneration %}"
+    "{%- elif message['role'] == 'assistant' %}"
     "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
     "{%- else %}"
     "{{- message['content'] + '\\n' }}"
+    "{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"

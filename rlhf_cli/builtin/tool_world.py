@@ -31,11 +31,26 @@ Rows:
   a valid but wrong call gives the model nothing to notice, so a demo that "notices" it would teach a
   second call at random. ``mistake`` names the kind ("" for none) so evaluations can count them.
 
+For chat models (``environment.protocol: chat``) the same problems come as conversations:
+
+* ``chat_problem_row``: ``{"prompt": [{"role": "user", "content": <the story>}], "answer", "expression"}``
+  (``builtin:tool-arithmetic-chat``; the story without ``ANSWER_CUE``: the template opens the reply).
+* ``chat_demonstration``: ``{"messages", "answer", "expression", "mistake", "tools"}``
+  (``builtin:tool-arithmetic-chat-demos``): the user's question, an assistant message whose
+  ``tool_calls`` call the calculator (``{"expression": ...}``), the ``tool`` message with the calculator's
+  real answer, and the final assistant message ``The answer is 382.``; the same share of recovered failed
+  calls as the text demos; ``tools`` holds the calculator's JSON schema (TRL's convention), so SFT renders
+  the prompt with the tool list exactly as the RL prompts are.
+
 ``tool_answer_reward`` (``builtin:tool-answer``) is the gold checker: 1.0 when the final answer equals
-the row's ``answer``. The final answer is the last number after the last ``</result>`` (the whole
-response when there is none), with any ``<call>``/``<result>`` span there removed first: a number the
-calculator printed, or one the model only passed to it, is never the answer. A response with no tool
-call at all is judged the same way, so the same checker scores the "without tools" baseline.
+the row's ``answer``. The final answer is the last number after the last ``</result>`` (or the built-in
+chat template's ``</tool_response>``; the whole response when there is none), with any ``<call>``,
+``<result>`` or chat ``<tool_call>`` span there removed first: a number the calculator printed, or one
+the model only passed to it, is never the answer. A response with no tool call at all is judged the same
+way, so the same checker scores the "without tools" baseline. Given the rollout's ``episodes``, it reads
+each episode's ``answer`` (what the model wrote after the last tool result; under the chat protocol the
+last assistant turn's content) instead of the whole text: the same number for the text protocol, and the
+right one for chat episodes under any chat template.
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ from decimal import Decimal
 from rlhf_cli.builtin.arithmetic import NUMBER, score_answers
 from rlhf_cli.environments.calculator import calculate
 from rlhf_cli.environments.errors import ToolError
-from rlhf_cli.environments.tools import error_text
+from rlhf_cli.environments.tools import Tool, error_text, tool_schema
 
 TOOL_NAME = "calculator"
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
@@ -56,8 +71,11 @@ RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 ANSWER_CUE = "\nAnswer:"
 ANSWER_SENTENCE = " The answer is {}."
 MISTAKE_RATE = 0.15
-# A <call> or <result> span, closed or running to the end of the text (the model may stop mid-call).
-TOOL_SPAN = re.compile(r"<call>.*?(?:</call>|\Z)|<result>.*?(?:</result>|\Z)", re.DOTALL)
+# A <call>, <result> or (chat) <tool_call> span, closed or running to the end of the text (the model may
+# stop mid-call).
+TOOL_SPAN = re.compile(r"<call>.*?(?:</call>|\Z)|<result>.*?(?:</result>|\Z)|<tool_call>.*?(?:</tool_call>|\Z)",
+                       re.DOTALL)
+LAST_RESULT = re.compile(r"</result>|</tool_response>")  # the answer comes after the last of these
 
 Row = dict[str, str]
 
@@ -187,10 +205,9 @@ MISTAKES: dict[str, Callable[[str], str | None]] = {
 }
 
 
-def demonstration(rng: random.Random, row: Row) -> Row:
-    """The SFT row of ``row``: ``completion`` is the whole episode after the prompt, and ``mistake``
-    the kind of failed first call ("" when the first call is right)."""
-    expression, answer = row["expression"], row["answer"]
+def _episode_calls(rng: random.Random, expression: str) -> tuple[list[str], list[str], str]:
+    """(the calls' arguments, the calculator's answers, the mistake's kind): the right call, after a
+    failing one in MISTAKE_RATE of the episodes."""
     calls, mistake = [expression], ""
     if rng.random() < MISTAKE_RATE:
         mistake = rng.choice([kind for kind, make in MISTAKES.items() if make(expression) is not None])
@@ -198,31 +215,80 @@ def demonstration(rng: random.Random, row: Row) -> Row:
     outputs = [tool_output(argument) for argument in calls]
     if mistake and not outputs[0].startswith("error: "):
         raise ValueError(f"mistake {mistake!r} of {expression!r} did not fail")  # a bug in MISTAKES
+    return calls, outputs, mistake
+
+
+def demonstration(rng: random.Random, row: Row) -> Row:
+    """The SFT row of ``row``: ``completion`` is the whole episode after the prompt, and ``mistake``
+    the kind of failed first call ("" when the first call is right)."""
+    calls, outputs, mistake = _episode_calls(rng, row["expression"])
     turns = [
         " " + format_call(argument) + format_result(output)
         for argument, output in zip(calls, outputs, strict=True)
     ]
-    completion = "".join(turns) + ANSWER_SENTENCE.format(answer)
+    completion = "".join(turns) + ANSWER_SENTENCE.format(row["answer"])
     return {**row, "completion": completion, "mistake": mistake}
+
+
+# ---------------------------------------------------------------- the chat versions
+
+
+def calculator_schema() -> dict:
+    """The calculator's JSON schema, as `environment.protocol: chat` gives it to the chat template."""
+    return tool_schema(Tool(TOOL_NAME, calculate))
+
+
+def question(row: Row) -> str:
+    """The story of a problem row, without the text protocol's answer cue."""
+    return row["prompt"].removesuffix(ANSWER_CUE)
+
+
+def chat_problem_row(row: Row) -> dict:
+    """The RL row of a problem for chat models: ``prompt`` is one user message asking the question."""
+    return {"prompt": [{"role": "user", "content": question(row)}], "answer": row["answer"],
+            "expression": row["expression"]}
+
+
+def tool_call_message(argument: str) -> dict:
+    """An assistant message that calls the calculator (OpenAI / TRL shape, arguments as a mapping)."""
+    call = {"type": "function", "function": {"name": TOOL_NAME, "arguments": {"expression": argument}}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def chat_demonstration(rng: random.Random, row: Row, schema: dict | None = None) -> dict:
+    """The chat SFT row of a problem row: ``messages`` (question, calls with the calculator's real
+    answers as ``tool`` messages, the answer), ``answer``, ``expression``, ``mistake`` and ``tools`` (the
+    calculator's schema; ``schema`` saves making it again)."""
+    calls, outputs, mistake = _episode_calls(rng, row["expression"])
+    messages = [{"role": "user", "content": question(row)}]
+    for argument, output in zip(calls, outputs, strict=True):
+        messages += [tool_call_message(argument), {"role": "tool", "name": TOOL_NAME, "content": output}]
+    messages.append({"role": "assistant", "content": ANSWER_SENTENCE.format(row["answer"]).strip()})
+    return {"messages": messages, "answer": row["answer"], "expression": row["expression"], "mistake": mistake,
+            "tools": [schema or calculator_schema()]}
 
 
 # ---------------------------------------------------------------- the checker
 
 
 def final_answer(response: str) -> Decimal | None:
-    """The last number after the last ``</result>`` (in the whole response when there is none), not
-    counting numbers inside a ``<call>`` or ``<result>`` there; None when there is no such number."""
-    tail = response.rpartition(RESULT_CLOSE)[2]
+    """The last number after the last ``</result>`` or chat ``</tool_response>`` (in the whole response when
+    there is none), not counting numbers inside a ``<call>``, ``<result>`` or ``<tool_call>`` there; None
+    when there is no such number."""
+    tail = LAST_RESULT.split(response)[-1]
     numbers = NUMBER.findall(TOOL_SPAN.sub(" ", tail))  # a space, so "12<call>..</call>3" is not "123"
     return Decimal(numbers[-1]) if numbers else None
 
 
 def tool_answer_reward(
-    prompts: list[str], responses: list[str], episodes: object = None, **columns: list
+    prompts: list[str], responses: list[str], episodes: list | None = None, **columns: list
 ) -> list[float]:
     """Reward function: 1.0 when a response's final answer (``final_answer``) equals the row's
-    ``answer``, else 0.0. Numbers compare by value ("382.0" equals "382"). ``episodes`` (structured
-    episodes the rollout may pass) is ignored: the text alone decides, so the score of an episode is the
-    same however it was produced. Columns other than ``answer`` are ignored."""
-    del episodes
+    ``answer``, else 0.0. Numbers compare by value ("382.0" equals "382"). With ``episodes`` (the
+    rollout's, one per response) each episode's ``answer`` is read instead of its whole text: the same
+    number under the text protocol, and the last assistant turn under the chat protocol. Anything else
+    passed as ``episodes`` (objects without an ``answer``) is ignored. Columns other than ``answer`` are
+    ignored."""
+    if episodes is not None and len(episodes) == len(responses) and all(hasattr(e, "answer") for e in episodes):
+        responses = [episode.answer for episode in episodes]
     return score_answers("builtin:tool-answer", "builtin:tool-arithmetic", final_answer, prompts, responses, columns)

@@ -132,6 +132,12 @@ def check_environment(env) -> None:
             raise UserError(f"environment.{key} is empty; every marker needs some text.")
     if env.call_end in (env.result_start, env.result_end):
         raise UserError("environment.call_end must differ from the result markers: generation stops at it.")
+    for key in ("tool_call_start", "tool_call_end"):
+        if not getattr(env, key):
+            raise UserError(f"environment.{key} is empty; protocol chat finds each call between the two markers.")
+    if env.tool_call_start == env.tool_call_end:
+        raise UserError("environment.tool_call_end must differ from environment.tool_call_start: a call's JSON "
+                        "object sits between the two.")
 
 
 def check_stage(stage: str, config: Any) -> None:
@@ -148,6 +154,10 @@ def check_stage(stage: str, config: Any) -> None:
         check_sft_data(config.data)
     if hasattr(config, "environment"):
         check_environment(config.environment)
+        env, generation = config.environment, getattr(config, "generation", None)
+        if env.tools and env.protocol == "chat" and generation is not None and generation.stop_token is None:
+            raise UserError("generation.stop_token: environment.protocol chat ends each assistant turn at the stop "
+                            "token, so it cannot be null; use eos or the chat template's end-of-turn token.")
     if stage == "dpo":
         check_dpo(config)
     opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)

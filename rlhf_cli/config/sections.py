@@ -242,7 +242,11 @@ class EnvironmentConfig:
         "call per response (docs/environments.md)."
     )
     protocol: str = option(
-        "text", "How calls are written: `text` (markers in plain text, for base models).", choices=("text",)
+        "text", "How calls are written: `text` (the model writes `<call>name argument</call>` in plain text and "
+        "reads `<result>...</result>`; for base models) or `chat` (for chat models: prompts are conversations "
+        "rendered with the tools' JSON schemas, the model writes `<tool_call>{\"name\": ..., \"arguments\": {...}}"
+        "</tool_call>` in its turn, results come back as `tool` messages through the chat template; "
+        "docs/environments.md).", choices=("text", "chat"),
     )
     max_turns: int = option(4, "Generate calls per episode at most (each call to a tool starts a new turn).", min=1)
     max_length: int = option(
@@ -255,7 +259,11 @@ class EnvironmentConfig:
     tool_workers: int = option(
         16, "Tool calls of a turn that run at once (each in its own thread); the rest wait for a free one.", min=1
     )
-    call_start: str = option("<call>", "Marker the model writes before a call (`<call>calculator 2+3</call>`).")
-    call_end: str = option("</call>", "Marker that ends a call; generation stops there and the tool runs.")
-    result_start: str = option("<result>", "Marker written before a tool's answer.")
-    result_end: str = option("</result>", "Marker written after a tool's answer.")
+    call_start: str = option("<call>", "Protocol text: marker the model writes before a call (`<call>calculator 2+3</call>`).")
+    call_end: str = option("</call>", "Protocol text: marker that ends a call; generation stops there and the tool runs.")
+    result_start: str = option("<result>", "Protocol text: marker written before a tool's answer.")
+    result_end: str = option("</result>", "Protocol text: marker written after a tool's answer.")
+    tool_call_start: str = option(
+        "<tool_call>", "Protocol chat: the marker before each call's JSON object in the assistant's turn (Hermes / Qwen)."
+    )
+    tool_call_end: str = option("</tool_call>", "Protocol chat: the marker after each call's JSON object.")

@@ -16,11 +16,20 @@ the template writes right after it. Each span must decode
 to text that holds the message's content. A template that is not prefix-preserving (one that drops an
 earlier turn's reasoning, or renders the last turn differently) cannot be read this way: UserError,
 saying so. Default system prompts and date lines are no obstacle: every rendering has them alike.
+
+Tool calling (TRL's convention): a row's `tools` column, a list of JSON schemas, is given to every
+rendering (`apply_chat_template(tools=...)`), so the template lists the tools as the model will see them in
+RL (`environment.protocol: chat`). An assistant message's `tool_calls` are part of its turn, so they are
+trained; `tool` messages are context like user turns, never trained. Arrow stores a list of schemas (and
+of tool calls) as structs and fills the keys one lacks with None; `row_tools` and `clean_tool_calls` drop
+those again (tools as a JSON string, or a list of them, are read too).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -47,32 +56,65 @@ def has_generation_markers(tokenizer) -> bool:
     return bool(_GENERATION_TAG.search(chat_template(tokenizer)))
 
 
-def render(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of `messages` through the chat template; a template that rejects them is a UserError
-    (`where` names the row)."""
+def row_tools(value: Any, where: str) -> list[dict] | None:
+    """A row's `tools` column -> the list of JSON schemas to render with (None for none): a list of
+    mappings (the None-valued keys Arrow adds dropped), a JSON string of one, or a list of JSON strings."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            value = json.loads(value)
+        tools = [json.loads(tool) if isinstance(tool, str) else tool for tool in value]
+    except (TypeError, ValueError):
+        tools = None
+    if tools is None or not all(isinstance(tool, dict) for tool in tools):
+        raise UserError(f"{where}: column 'tools' must be a list of JSON schemas of functions "
+                        f"({{\"type\": \"function\", \"function\": {{...}}}}), got {str(value)[:80]!r}.")
+    return [_without_none(tool) for tool in tools] or None
+
+
+def clean_tool_calls(messages: list[dict]) -> list[dict]:
+    """`messages` with the None-valued keys Arrow adds inside `tool_calls` dropped (transformers drops
+    those at the top level of a message itself)."""
+    return [{**m, "tool_calls": _without_none(m["tool_calls"])} if m.get("tool_calls") else m for m in messages]
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def render(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` (with `tools`, JSON schemas) through the chat template; a template that
+    rejects them is a UserError (`where` names the row)."""
     try:
         ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                            add_generation_prompt=add_generation_prompt)
+                                            add_generation_prompt=add_generation_prompt, tools=tools)
     except TemplateError as err:  # the template rejects the conversation (unknown role, bad order, ...)
         raise UserError(f"{where}: the chat template rejects these messages ({err}); fix or remove the row.") from None
     return list(ids)
 
 
-def assistant_mask(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[bool]]:
-    """(ids of the whole conversation, True at the tokens of every assistant turn)."""
+def assistant_mask(tokenizer, messages: list[dict], where: str,
+                   tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+    """(ids of the whole conversation rendered with `tools`, True at the tokens of every assistant turn)."""
     if has_generation_markers(tokenizer):
         try:
             out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+                                                return_assistant_tokens_mask=True, tools=tools)
         except TemplateError as err:
             raise UserError(f"{where}: the chat template rejects these messages ({err}); fix or remove the row.") from None
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    ids = render(tokenizer, messages, where)
+    ids = render(tokenizer, messages, where, tools=tools)
     mask = [False] * len(ids)
     for k, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = render(tokenizer, messages[:k], where, add_generation_prompt=True)
+        before = render(tokenizer, messages[:k], where, add_generation_prompt=True, tools=tools)
         if ids[: len(before)] != before:
             raise UserError(
                 f"{where}: the chat template does not render the start of this conversation as a prefix "
@@ -82,7 +124,7 @@ def assistant_mask(tokenizer, messages: list[dict], where: str) -> tuple[list[in
             )
         # The turn ends where rendering it as the last turn stops agreeing with the whole: a template
         # that closes the conversation with an extra token (Phi-3's eos) writes it only at the very end.
-        through = render(tokenizer, messages[: k + 1], where)
+        through = render(tokenizer, messages[: k + 1], where, tools=tools)
         end = next((i for i, (a, b) in enumerate(zip(through, ids, strict=False)) if a != b), min(len(through), len(ids)))
         span = ids[len(before) : end]
         content = message.get("content")

@@ -9,7 +9,9 @@ Conventions shared by every format:
 - text and prompt-completion end with the tokenizer's eos (unless the text already ends with it) so
   the model learns to stop; the eos is trained. For messages the chat template decides where turns
   end; the assistant's turns are found by the template's {% generation %} markers or, for the many
-  templates without them, by rendering the conversation's prefixes (chat_spans.py).
+  templates without them, by rendering the conversation's prefixes (chat_spans.py). A `tools` column
+  (TRL's convention: a list of JSON schemas) is rendered with every conversation of its row; the
+  assistant's tool calls are trained, `tool` messages are not.
 - Sequences longer than `max_length` keep their first `max_length` tokens.
 """
 
@@ -21,11 +23,12 @@ import numpy as np
 from datasets import Dataset
 
 from rlhf_cli.config.schema import SFTDataConfig
-from rlhf_cli.data.chat_spans import assistant_mask, chat_template, render
+from rlhf_cli.data.chat_spans import assistant_mask, chat_template, clean_tool_calls, render, row_tools
 from rlhf_cli.errors import UserError
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "prompt-completion", "messages")
+TOOLS_COLUMN = "tools"  # TRL's name for a row's tool schemas (conversational rows)
 
 
 def detect_format(column_names: list[str], cfg: SFTDataConfig) -> str:
@@ -91,14 +94,15 @@ def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfi
                        + [True] * (len(with_eos) - len(completion_ids)))
         labels = _mask_labels(ids, trained)
     elif fmt == "messages":
-        messages = _messages(row, cfg.messages_column, index)
+        messages = clean_tool_calls(_messages(row, cfg.messages_column, index))
         chat_template(tokenizer)
         where = f"data row {index}: column {cfg.messages_column!r}"
+        tools = row_tools(row.get(TOOLS_COLUMN), f"data row {index}")
         if cfg.completion_only_loss:  # the assistant's turns, for any prefix-preserving template (chat_spans.py)
-            ids, trained = assistant_mask(tokenizer, messages, where)
+            ids, trained = assistant_mask(tokenizer, messages, where, tools)
             labels = _mask_labels(ids, trained)
         else:
-            ids = render(tokenizer, messages, where)
+            ids = render(tokenizer, messages, where, tools=tools)
             labels = list(ids)
     else:
         raise ValueError(f"unknown SFT format {fmt!r}; expected one of {FORMATS}")
@@ -215,11 +219,13 @@ def _conversational_prompt_completion(row, tokenizer, cfg, index) -> tuple[list[
     The completion is what the chat template renders after the prompt with add_generation_prompt, so
     no {% generation %} tags are needed: trained = every token past the rendered prompt.
     """
-    prompt = _messages(row, cfg.prompt_column, index)
-    completion = _messages(row, cfg.completion_column, index)
+    prompt = clean_tool_calls(_messages(row, cfg.prompt_column, index))
+    completion = clean_tool_calls(_messages(row, cfg.completion_column, index))
     chat_template(tokenizer)
-    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
-    ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
+    tools = row_tools(row.get(TOOLS_COLUMN), f"data row {index}")
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                                    tools=tools))
+    ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False, tools=tools))
     if ids[: len(prompt_ids)] != prompt_ids:
         raise UserError(
             f"data row {index}: the chat template does not render the prompt messages as a prefix of "

@@ -19,6 +19,9 @@ below 1 (``"0.0333333"``), trailing zeros stripped (``"2.5"``). Hostile input is
 at most MAX_CHARS characters, MAX_DEPTH nested parentheses or signs, whole exponents up to
 MAX_EXPONENT, and no number (input, intermediate or result) over MAX_DIGITS digits, so ``9**9**9``
 fails at once instead of filling memory. Every failure is a ToolError with a short message.
+
+``calculate(expression: str) -> str`` has a type hint and an ``Args:`` section, so the chat protocol
+describes it to a model as a JSON schema (``transformers.utils.get_json_schema``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": oper
 
 
 def calculate(expression: str) -> str:
-    """Evaluate an arithmetic expression exactly, e.g. "(3 + 4) * 2" -> "14" and "10 / 4" -> "2.5".
+    """Evaluate an arithmetic expression exactly.
 
-    Numbers are integers or decimals; operators are + - * / % ** (or ^) and parentheses.
+    Args:
+        expression: numbers with + - * / % ** and parentheses
     """
     return format_number(evaluate(expression))
 

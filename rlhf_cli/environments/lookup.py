@@ -8,7 +8,8 @@ The score is Okapi BM25 (k1 = 1.5, b = 0.75, the non-negative idf Lucene uses), 
 of plain Python: no index library, no randomness, the same answer on every machine. The best-scoring
 passage wins and ties go to the earlier one; a query that shares no word with any passage gets
 NO_RESULT. Everything is built once when the tool is made; a query costs one pass over the postings
-of its words.
+of its words. ``lookup_tool`` wraps a Lookup as ``lookup(query: str) -> str`` with an ``Args:`` docstring,
+the typed callable the chat protocol describes to a model as a JSON schema.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NO_RESULT = "no result"
@@ -73,3 +74,18 @@ def make_lookup(corpus: str | Path | Sequence[str]) -> Lookup:
     """A lookup tool over `corpus`: a path to a text file (one passage per line) or a list of passages."""
     passages = read_passages(corpus) if isinstance(corpus, str | Path) else corpus
     return Lookup(passages)
+
+
+def lookup_tool(corpus: str | Path | Sequence[str]) -> Callable[[str], str]:
+    """`make_lookup(corpus)` as a plain typed function, for `builtin:lookup`."""
+    index = make_lookup(corpus)
+
+    def lookup(query: str) -> str:
+        """Look up a query in the corpus and return the passage that best matches its words, or "no result".
+
+        Args:
+            query: the words to look for
+        """
+        return index(query)
+
+    return lookup

@@ -1,7 +1,11 @@
 """Tools a model calls mid-episode: loading them from `environment.tools`, and running a turn's calls.
 
 A tool is a callable from one string (the argument the model wrote) to one string (what it reads back).
-`environment.tools` lists them, each as a string or a mapping:
+Under the chat protocol (`environment.protocol: chat`) a call carries a JSON object of arguments instead,
+and the tool is called with them as keywords; the model learns the tool from a JSON schema made from the
+callable's type hints and Google-style docstring (`Args:`) by transformers' `get_json_schema`, so a tool
+used with protocol chat needs both (`calculate(expression: str) -> str` is one). `environment.tools`
+lists them, each as a string or a mapping:
 
     tools:
       - builtin:calculator                      # exact arithmetic (calculator.py)
@@ -10,11 +14,12 @@ A tool is a callable from one string (the argument the model wrote) to one strin
       - {name: count, function: my_package.tools:word_count}
 
 A tool's name defaults to `calculator`, `lookup` or the callable's `__name__`; its description is the
-first paragraph of its docstring. Mistakes in this list are the user's to fix (UserError, exit 2).
+first paragraph of its docstring. Mistakes in this list (a tool for protocol chat without type hints or
+an `Args:` docstring among them) are the user's to fix (UserError, exit 2).
 
 Mistakes of a tool at run time are not: they are part of the episode. ToolRunner calls every tool of a
-turn concurrently, each under a timeout, and turns an exception, a hang, an overlong answer or an
-unknown name into a ToolResult with an error text for the model and a status for the metrics; it
+turn concurrently, each under a timeout, and turns an exception (a TypeError from arguments the tool
+does not take among them), a hang, an overlong answer or an unknown name into a ToolResult with an error text for the model and a status for the metrics; it
 never raises for a tool's misbehaviour.
 """
 
@@ -32,7 +37,7 @@ from typing import Any
 
 from rlhf_cli.environments.calculator import calculate
 from rlhf_cli.environments.errors import ToolError
-from rlhf_cli.environments.lookup import make_lookup
+from rlhf_cli.environments.lookup import lookup_tool
 from rlhf_cli.errors import UserError, user_frames
 
 KEY = "environment.tools"
@@ -47,11 +52,13 @@ MAX_ERROR_CHARS = 200  # an exception's message is cut here before max_response_
 @dataclass
 class Tool:
     """A callable the model can call by `name`; `description` (the docstring's first paragraph unless
-    given) is what a prompt or chat template tells the model about it."""
+    given) is what a prompt or chat template tells the model about it; `schema` (protocol chat: see
+    `tool_schema`) the JSON schema a chat template lists."""
 
     name: str
-    fn: Callable[[str], Any]
+    fn: Callable[..., Any]
     description: str = ""
+    schema: dict | None = None
 
     def __post_init__(self):
         if not self.description:
@@ -65,13 +72,16 @@ def first_paragraph(doc: str) -> str:
 # ---------------------------------------------------------------- loading `environment.tools`
 
 
-def load_tools(specs: list[str | Mapping] | tuple[str | Mapping, ...]) -> dict[str, Tool]:
-    """The tools of `environment.tools`, by name, in the order listed."""
+def load_tools(specs: list[str | Mapping] | tuple[str | Mapping, ...], schemas: bool = False) -> dict[str, Tool]:
+    """The tools of `environment.tools`, by name, in the order listed; with `schemas` (protocol chat),
+    each with its JSON schema (`tool_schema`)."""
     if not isinstance(specs, list | tuple):
         raise UserError(f"{KEY}: must be a list of tools, e.g. [builtin:calculator]; got {specs!r}.")
     tools: dict[str, Tool] = {}
     for i, spec in enumerate(specs):
         tool = load_tool(spec, f"{KEY}[{i}]")
+        if schemas:
+            tool.schema = tool_schema(tool, f"{KEY}[{i}]")
         if tool.name in tools:
             raise UserError(
                 f"{KEY}[{i}]: a second tool named {tool.name!r} ({spec!r}); give each tool its own "
@@ -98,6 +108,30 @@ def load_tool(spec: str | Mapping, key: str = KEY) -> Tool:
             f"{key}: tool name {name!r} must be letters, digits and _ (not starting with a digit)."
         )
     return Tool(name, fn)
+
+
+def tool_schema(tool: Tool, key: str = KEY) -> dict:
+    """The JSON schema a chat template lists for `tool` (`{"type": "function", "function": {"name",
+    "description", "parameters"}}`), made by transformers' `get_json_schema` from the callable's type hints
+    and Google-style docstring, under the tool's own name. A callable it cannot describe is a UserError
+    naming `key` and what is missing."""
+    # imported here: loading the text protocol's tools needs no transformers
+    from transformers.utils import get_json_schema
+
+    fn = tool.fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        fn = type(fn).__call__.__get__(fn)  # a callable object: its __call__ carries the hints and the docstring
+    try:
+        schema = get_json_schema(fn)
+    except Exception as err:  # TypeHintParsingException, DocstringParsingException, or a callable it cannot read
+        raise UserError(
+            f"{key}: environment.protocol chat describes each tool to the model as a JSON schema made from its "
+            f"type hints and docstring, and {tool.name!r} has none that works: {err}. Give every argument a type "
+            "hint and a line in the `Args:` section of a Google-style docstring (docs/environments.md, Chat models)."
+        ) from None
+    schema["function"]["name"] = tool.name
+    schema["function"].pop("return", None)  # the return type: chat templates ignore it, prompts are shorter without
+    return schema
 
 
 def _parse_spec(spec: str | Mapping, key: str) -> tuple[str | None, str, Any]:
@@ -150,7 +184,7 @@ def _builtin(name: str, corpus: Any, key: str) -> Callable[[str], str]:
             f"{key}.corpus: must be a path to a text file or a list of passages, got {corpus!r:.100}."
         )
     try:
-        return make_lookup(corpus)
+        return lookup_tool(corpus)
     except (ValueError, UnicodeDecodeError) as err:  # no passages, or not UTF-8 text
         where = f" {str(corpus)!r}:" if isinstance(corpus, str | Path) else ""
         raise UserError(f"{key}.corpus:{where} {err}.") from None
@@ -206,8 +240,10 @@ class ToolRunner:
         self.tools, self.timeout_s = dict(tools), timeout_s
         self.max_response_chars, self.max_workers = max_response_chars, max_workers
 
-    def run(self, calls: Sequence[tuple[str, str]]) -> list[ToolResult]:
-        """The result of each (tool name, argument) call, in the order of `calls`."""
+    def run(self, calls: Sequence[tuple[str, str | Mapping[str, Any]]]) -> list[ToolResult]:
+        """The result of each (tool name, argument) call, in the order of `calls`. An argument is the
+        string the model wrote (text protocol: `fn(argument)`) or a mapping of arguments (chat protocol:
+        `fn(**arguments)`; arguments the tool does not take are a TypeError, answered as an error)."""
         results: list[ToolResult | None] = [None] * len(calls)
         waiting = []
         for index, (name, argument) in enumerate(calls):
@@ -240,12 +276,12 @@ class ToolRunner:
                     results[index] = ToolResult(text, "timeout", self.timeout_s)
         return results  # every slot is filled: unknown at once, the others on answer or deadline
 
-    def _call(self, tool: Tool, argument: str, index: int, done: queue.Queue) -> None:
+    def _call(self, tool: Tool, argument: str | Mapping[str, Any], index: int, done: queue.Queue) -> None:
         """In a worker thread: call the tool and post its ToolResult. Catches everything, SystemExit
         included, since an exception in a thread would only be printed and the call never answered."""
         start = time.perf_counter()
         try:
-            value = tool.fn(argument)
+            value = tool.fn(**argument) if isinstance(argument, Mapping) else tool.fn(argument)
             text = value if isinstance(value, str) else str(value)
             status = "ok"
         except BaseException as err:  # a tool's failure is an answer to the model, whatever it is

@@ -90,18 +90,19 @@ class EvalModel:
 @torch.no_grad()
 def sample_model(
     lm: EvalModel, rows: list[list[int]], gen: GenerationConfig, seed: int, batch_size: int,
-    reference: EvalModel | None = None, environment=None,
+    reference: EvalModel | None = None, environment=None, tools=None,
 ) -> Samples:
     """Generate one response per row of prompt token ids; with a reference, the KL of each sample.
 
     With an `environment` section that lists tools, each response is a multi-turn episode with the
-    tools in the loop (environments/rollout.py); its length and KL count the model's own tokens."""
+    tools in the loop (environments/rollout.py; `tools`: its tools, already loaded, or None to load them);
+    its length and KL count the model's own tokens."""
     tokenizer, pad = lm.tokenizer, lm.tokenizer.pad_token_id
     stop_id = stop_token_id(gen, tokenizer)
     install_sampling_config(lm.model, gen, stop_id, pad)
     env = None
     if environment is not None and environment.tools:
-        env = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name)
+        env = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name, tools=tools)
     out = Samples([], [], [], [], [] if reference is not None else None, [] if env is not None else None)
     forked = [lm.device] if lm.device.type == "cuda" else []
     for b, start in enumerate(range(0, len(rows), batch_size)):

@@ -69,15 +69,25 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor) -
     return out[:, query_ids.shape[1] :]
 
 
-def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompts: str) -> tuple[list[list[int]], int]:
+def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompts: str,
+                   tools: list[dict] | None = None) -> tuple[list[list[int]], int]:
     """Prompts (strings, or lists of chat messages) -> token ids, and how many were cut.
 
-    Long prompts keep their LAST tokens (the part next to the response) or are refused.
+    Long prompts keep their LAST tokens (the part next to the response) or are refused. `tools` (the tool
+    schemas of `environment.protocol: chat`) are rendered into every conversation by the chat template,
+    and then every prompt must be a conversation.
     """
     encoded, cut = [], 0
     for i, prompt in enumerate(prompts):
+        if tools is not None and not isinstance(prompt, list):
+            raise UserError(
+                f"data row {i}: environment.protocol is chat, which renders each prompt with its tools through the "
+                f"chat template, so data.prompt_column must hold conversations (lists of messages), not {prompt!r:.60}; "
+                "use a conversational dataset or environment.protocol: text."
+            )
         if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                                tools=tools)
         elif isinstance(prompt, str) and prompt:
             ids = tokenizer.encode(prompt, add_special_tokens=False)
         else:
@@ -93,13 +103,14 @@ def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompt
     return encoded, cut
 
 
-def encode_prompt_set(prompts: list, tokenizer, data, what: str = "prompts") -> list[list[int]]:
-    """Encode a whole prompt set as `data` (a PromptDataConfig) says: length limit, then openings.
+def encode_prompt_set(prompts: list, tokenizer, data, what: str = "prompts", tools: list[dict] | None = None) -> list[list[int]]:
+    """Encode a whole prompt set as `data` (a PromptDataConfig) says: length limit, then openings; `tools`
+    as in `encode_prompts`.
 
     With `prompt_opening_tokens: [min, max]` each prompt keeps only its first k tokens, k drawn per
     row from a generator seeded by `world_seed`, so every run and every model sees the same prompts.
     """
-    ids, cut = encode_prompts(prompts, tokenizer, data.max_prompt_length, data.long_prompts)
+    ids, cut = encode_prompts(prompts, tokenizer, data.max_prompt_length, data.long_prompts, tools)
     if cut:
         log.warning("%d of %d %s were longer than %d tokens and keep their last tokens",
                     cut, len(ids), what, data.max_prompt_length)

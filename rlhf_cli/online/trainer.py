@@ -88,7 +88,8 @@ class OnlineTrainer:
 
     def encode(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.config.data
-        ids, _ = encode_prompts(prompts, self.tokenizer, d.max_prompt_length, d.long_prompts)
+        tools = self.environment.prompt_tools if self.environment is not None else None  # protocol chat's schemas
+        ids, _ = encode_prompts(prompts, self.tokenizer, d.max_prompt_length, d.long_prompts, tools)
         q, m = left_pad(ids, self.tokenizer.pad_token_id)
         return q.to(self.accelerator.device), m.to(self.accelerator.device)
 

@@ -13,7 +13,7 @@ import torch
 
 from rlhf_cli.config.schema import EvalConfig
 from rlhf_cli.data.loading import load_dataset_dict, require_columns
-from rlhf_cli.environments.rollout import episode_stats
+from rlhf_cli.environments.rollout import environment_tools, episode_stats, prompt_tools
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation import plots
 from rlhf_cli.evaluation.metrics import summarise, win_rate
@@ -117,6 +117,7 @@ def run(config: EvalConfig, resume: bool = False, overwrite: bool = False) -> No
         for name, _ in models:
             check_reference_vocabulary(tokenizers[name], ref_tokenizer, name, opts.reference_model)
     reward = CombinedReward(config.reward, device)
+    tools = environment_tools(config.environment) if config.environment.tools else None  # a bad tool stops here too
     reward_models = [s.model for s in (config.reward.sources or [config.reward]) if s.model is not None]
     every_name = [n for n, _ in models] + [n for n in (opts.reference_model, *reward_models) if n is not None]
     labels = short_labels(list(dict.fromkeys(every_name)))
@@ -135,9 +136,10 @@ def run(config: EvalConfig, resume: bool = False, overwrite: bool = False) -> No
     for name, key in models:
         started = time.perf_counter()
         lm = reference if name == opts.reference_model else EvalModel(name, device, key, tokenizers[name])
-        ids = encode_prompt_set(prompts, lm.tokenizer, config.data, f"prompts for {name}")
+        ids = encode_prompt_set(prompts, lm.tokenizer, config.data, f"prompts for {name}",
+                                prompt_tools(config.environment, tools))
         samples = sample_model(lm, repeat_rows(ids, opts.samples_per_prompt), gen, opts.seed, opts.batch_size, reference,
-                               config.environment)
+                               config.environment, tools)
         episodes = {} if samples.episodes is None else {"episodes": samples.episodes}  # reward functions get them
         combined, parts = reward.score(samples.prompts, samples.responses, {**row_columns, **episodes})
         label = labels[name]

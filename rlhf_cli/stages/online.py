@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.data.loading import load_splits, require_columns
-from rlhf_cli.environments.rollout import environment_from_config, episode_stats
+from rlhf_cli.environments.rollout import (
+    environment_from_config,
+    environment_tools,
+    episode_stats,
+    prompt_tools,
+)
 from rlhf_cli.errors import UserError
 from rlhf_cli.lm.generation import encode_prompt_set, left_pad
 from rlhf_cli.models.adapters import save_final_model
@@ -33,11 +38,12 @@ from rlhf_cli.training.progress import StepProgress, print_samples
 
 log = logging.getLogger(__name__)
 
-def prepare_prompts(dataset, tokenizer, config, split: str) -> tuple[list[list[int]], dict[str, list]]:
-    """Token ids of every prompt (encoded once) and the other columns (passed to reward functions)."""
+def prepare_prompts(dataset, tokenizer, config, split: str, tools: list[dict] | None = None) -> tuple[list[list[int]], dict[str, list]]:
+    """Token ids of every prompt (encoded once; conversations rendered with `tools`, the tool schemas of
+    protocol chat) and the other columns (passed to reward functions)."""
     column = config.data.prompt_column
     require_columns(dataset, {"data.prompt_column": column}, f"{config.data.dataset_name} ({split})")
-    ids = encode_prompt_set(dataset[column], tokenizer, config.data, f"{split} prompts")
+    ids = encode_prompt_set(dataset[column], tokenizer, config.data, f"{split} prompts", tools)
     columns = {c: dataset[c] for c in dataset.column_names if c != column}
     return ids, columns
 
@@ -90,23 +96,27 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     if training.gradient_checkpointing:
         model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # 3. Rewards and prompts
+    # 3. Rewards, tools and prompts (under protocol chat, conversations rendered with the tools' schemas)
     reward = CombinedReward(config.reward, accelerator.device)
+    tools = environment_tools(config.environment) if config.environment.tools else None
+    schemas = prompt_tools(config.environment, tools)
     train_raw, test_raw = load_splits(config.data)
-    train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train")
-    test_ids, test_columns = prepare_prompts(test_raw, tokenizer, config, "test") if test_raw is not None else (None, None)
+    train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train", schemas)
+    test_ids, test_columns = (prepare_prompts(test_raw, tokenizer, config, "test", schemas) if test_raw is not None
+                              else (None, None))
 
     # 4. The trainer (optimizer, schedule, algorithm and alarm state); resume where a checkpoint left off
     alarms = AlarmMonitor(options, stage)  # reward-hacking alarms and stopping rules (online/alarms.py)
     monitored = [name for name, weight in zip(reward.names, reward.weights, strict=True) if weight == 0]
     trainer = OnlineTrainer(config, algorithm, options.total_episodes, model, tokenizer, accelerator, reference,
                             options.local_rollout_forward_batch_size, num_generations, alarms=alarms)
-    if config.environment.tools:
+    if tools is not None:
         trainer.environment = environment_from_config(config.environment, config.generation, trainer.unwrapped.policy,
                                                       tokenizer, trainer.stop_id, config.model.model_name_or_path,
-                                                      accelerator.autocast)
-        log.info("text environment: tools %s, at most %d turns and %d tokens per episode",
-                 ", ".join(trainer.environment.runner.tools), config.environment.max_turns, config.environment.max_length)
+                                                      accelerator.autocast, tools)
+        log.info("text environment: tools %s, at most %d turns and %d tokens per episode%s",
+                 ", ".join(trainer.environment.runner.tools), config.environment.max_turns, config.environment.max_length,
+                 " (protocol chat)" if config.environment.protocol == "chat" else "")
     prompts_per_batch = trainer.batch_size // num_generations
     order = BatchOrder(len(train_ids), prompts_per_batch, accelerator.num_processes, accelerator.process_index,
                        training.seed)

@@ -25,6 +25,8 @@ COLUMNS = {
     "arithmetic": ["prompt", "answer", "completion"],
     "tool-arithmetic": ["prompt", "answer", "expression"],
     "tool-arithmetic-demos": ["prompt", "completion", "answer", "expression", "mistake"],
+    "tool-arithmetic-chat": ["prompt", "answer", "expression"],
+    "tool-arithmetic-chat-demos": ["messages", "answer", "expression", "mistake", "tools"],
 }
 
 
@@ -57,8 +59,10 @@ def test_test_rows_do_not_depend_on_the_train_size():
 
 
 def _keys(name, rows):
-    if name == "review-chat":
+    if name in ("review-chat", "tool-arithmetic-chat-demos"):
         return [row["messages"][0]["content"] for row in rows]
+    if name == "tool-arithmetic-chat":
+        return [row["prompt"][0]["content"] for row in rows]
     return [row["prompt"] for row in rows]
 
 

@@ -114,3 +114,94 @@ def test_cached_files_are_reused_and_identical_to_fresh_training(tok, cache_root
 def test_training_is_deterministic():
     texts = ["the film was great", "the plot was dull and slow", "great acting, dull plot"] * 50
     assert bt.train_tokenizer(texts).to_str() == bt.train_tokenizer(texts).to_str()
+
+
+# The template before tool calling was added, copied literally: conversations without tools, tool calls or
+# tool messages must render byte for byte as they did.
+OLD_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('Unknown chat role ' + message['role'] + ': use system, user or assistant') }}"
+    "{%- endif %}"
+    "{{- '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- message['content'] + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+CONVERSATIONS = [
+    CONVERSATION,
+    CONVERSATION[:1],
+    [{"role": "system", "content": "Be brief."}, *CONVERSATION],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "  spaces \n and lines\n"}, {"role": "assistant", "content": "Amélie 🎬\n"}],
+]
+SCHEMA = {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic.", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 2+3"}},
+    "required": ["expression"]}}}
+WITH_TOOLS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3"}}}]},
+    {"role": "tool", "name": "calculator", "content": "5"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"function": {"name": "calculator", "arguments": '{"expression": "5*1"}'}},  # arguments as a JSON string
+        {"name": "calculator", "arguments": {"expression": "5+0"}}]},  # no "function" wrapper
+    {"role": "tool", "content": "5"},
+    {"role": "tool", "content": "5"},
+    {"role": "assistant", "content": "It is 5."},
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_conversations_without_tools_render_byte_identically_to_the_old_template(tok, messages):
+    for generation_prompt in (False, True):
+        new = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        old = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                      chat_template=OLD_CHAT_TEMPLATE)
+        assert new == old
+    new = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    old = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=OLD_CHAT_TEMPLATE)
+    assert new["input_ids"] == old["input_ids"] and new["assistant_masks"] == old["assistant_masks"]
+
+
+def test_tools_tool_calls_and_tool_messages_render_qwen_style_without_new_tokens(tok):
+    text = tok.apply_chat_template(WITH_TOOLS, tools=[SCHEMA], tokenize=False, add_generation_prompt=False)
+    call = '<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{}"}}}}\n</tool_call>'
+    assert text == (
+        "<|system|>\nBe brief.\nYou can call these tools:\n"
+        '{"name": "calculator", "description": "Exact arithmetic.", "parameters": {"type": "object", '
+        '"properties": {"expression": {"type": "string", "description": "e.g. 2+3"}}, "required": ["expression"]}}\n'
+        'Call a tool with <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>\n'
+        "<|user|>\n2+3?\n"
+        f"<|assistant|>\n{call.format('2+3')}<|endoftext|>"
+        "<|user|>\n<tool_response>\n5\n</tool_response>\n"
+        f"<|assistant|>\nChecking.\n{call.format('5*1')}\n{call.format('5+0')}<|endoftext|>"
+        "<|user|>\n<tool_response>\n5\n</tool_response>\n<|user|>\n<tool_response>\n5\n</tool_response>\n"
+        "<|assistant|>\nIt is 5.<|endoftext|>"
+    )
+    without_system = tok.apply_chat_template(WITH_TOOLS[1:2], tools=[SCHEMA], tokenize=False, add_generation_prompt=True)
+    assert without_system.startswith("<|system|>\nYou can call these tools:\n{") and without_system.endswith(
+        "<|user|>\n2+3?\n<|assistant|>\n")
+    # the calls are the assistant's own tokens (trained); the tool list and the tool responses are not
+    out = tok.apply_chat_template(WITH_TOOLS, tools=[SCHEMA], return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
+        f"{call.format('2+3')}<|endoftext|>Checking.\n{call.format('5*1')}\n{call.format('5+0')}<|endoftext|>"
+        "It is 5.<|endoftext|>")
+    # no token was added for any of it: the vocabulary and the special tokens' ids are as before
+    assert len(tok) <= bt.VOCAB_SIZE and tok.convert_tokens_to_ids("<tool_call>") == tok.unk_token_id
+    assert [tok.convert_tokens_to_ids(t) for t in bt.SPECIAL_TOKENS] == list(range(len(bt.SPECIAL_TOKENS)))
+    assert tok.decode(ids) == text  # and the text comes back exactly
+
+
+def test_tool_role_is_known_but_other_roles_are_still_refused(tok):
+    with pytest.raises(Exception, match="Unknown chat role narrator: use system, user, assistant or tool"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="Unknown chat role"):
+        tok.apply_chat_template([{"role": "ipython", "content": "x"}], tools=[SCHEMA], tokenize=False)

@@ -263,3 +263,130 @@ def test_registered_as_builtin_tool_answer_and_scores_the_demos(demos):
     assert reward(rows["prompt"], rows["completion"], columns).tolist() == [1.0] * len(rows["prompt"])
     wrong = [completion.replace("The answer is ", "The answer is 1") for completion in rows["completion"]]
     assert reward(rows["prompt"], wrong, columns).sum() == 0
+
+
+# ---------------------------------------------------------------- the chat versions
+
+# Token bounds of the chat demos with the built-in tokenizer and template, the calculator's schema in the
+# system turn (the default datasets reach 284, 231 (112 without a mistake), 508 and 69): prompts fit
+# data.max_prompt_length 288, an episode environment.max_length 232, a turn generation.response_length 72,
+# and a whole SFT example the built-in models' 512 positions.
+MAX_CHAT_PROMPT_TOKENS, MAX_CHAT_EPISODE_TOKENS, MAX_CHAT_EXAMPLE_TOKENS, MAX_CHAT_TURN_TOKENS = 288, 232, 512, 72
+
+
+@pytest.fixture(scope="module")
+def chat_problems():
+    return load_builtin_dataset("tool-arithmetic-chat", seed=0)
+
+
+@pytest.fixture(scope="module")
+def chat_demos():
+    return load_builtin_dataset("tool-arithmetic-chat-demos", seed=0)
+
+
+def test_chat_versions_sizes_columns_and_determinism(chat_problems, chat_demos):
+    assert DEFAULT_SIZES["tool-arithmetic-chat"] == DEFAULT_SIZES["tool-arithmetic-chat-demos"] == (4000, 200)
+    for data, columns in ((chat_problems, ["prompt", "answer", "expression"]),
+                          (chat_demos, ["messages", "answer", "expression", "mistake", "tools"])):
+        assert (data["train"].num_rows, data["test"].num_rows) == (4000, 200)
+        assert data["train"].column_names == data["test"].column_names == columns
+    for name in ("tool-arithmetic-chat", "tool-arithmetic-chat-demos"):
+        a = load_builtin_dataset(name, seed=3, num_train=50, num_test=20)
+        c = load_builtin_dataset(name, seed=4, num_train=50, num_test=20)
+        d = load_builtin_dataset(name, seed=3, num_train=300, num_test=20)
+        assert a["train"].to_dict() == load_builtin_dataset(name, seed=3, num_train=50, num_test=20)["train"].to_dict()
+        assert a["train"].to_dict() != c["train"].to_dict() and a["test"].to_dict() == d["test"].to_dict()
+
+
+def test_chat_problems_are_one_user_message_with_the_answer(chat_problems):
+    for row in chat_problems["train"].select(range(300)):
+        (message,) = row["prompt"]
+        assert message["role"] == "user" and not message["content"].endswith(tool_world.ANSWER_CUE)
+        assert message["content"].endswith("?") and row["answer"] == calculate(row["expression"])
+        assert re.findall(r"\d+", message["content"]) == re.findall(r"\d+", row["expression"])
+
+
+def test_chat_held_out_problems_are_never_in_any_train_split(problems, demos, chat_problems, chat_demos):
+    """The expression's side splits all four datasets alike: no test problem of one is a train problem
+    of another, in any wording; the user's question is on its split's side too."""
+    trains = [set(data["train"]["expression"]) for data in (problems, demos, chat_problems, chat_demos)]
+    for data in (problems, demos, chat_problems, chat_demos):
+        assert not set().union(*trains) & set(data["test"]["expression"])
+    for data, question in ((chat_problems, lambda row: row["prompt"][0]["content"]),
+                           (chat_demos, lambda row: row["messages"][0]["content"])):
+        for row in data["test"]:
+            assert is_held_out(row["expression"]) and is_held_out(question(row))
+        for row in data["train"].select(range(500)):
+            assert not is_held_out(row["expression"]) and not is_held_out(question(row))
+
+
+def test_chat_demos_call_the_calculator_and_read_its_real_answers(chat_demos):
+    runner = ToolRunner({"calculator": Tool("calculator", calculate)}, timeout_s=10, max_response_chars=200)
+    schema = tool_world.calculator_schema()
+    for split in ("train", "test"):
+        for row in chat_demos[split].select(range(min(300, chat_demos[split].num_rows))):
+            messages = row["messages"]
+            assert row["tools"] == [schema]
+            roles = [m["role"] for m in messages]
+            calls = 2 if row["mistake"] else 1
+            assert roles == ["user"] + ["assistant", "tool"] * calls + ["assistant"]
+            arguments = [m["tool_calls"][0]["function"]["arguments"] for m in messages if m["tool_calls"]]
+            assert arguments[-1] == {"expression": row["expression"]}  # the last call is right
+            results = [r.text for r in runner.run([("calculator", a) for a in arguments])]  # as the environment calls it
+            assert [m["content"] for m in messages if m["role"] == "tool"] == results
+            if row["mistake"]:
+                assert arguments[0]["expression"] == MISTAKES[row["mistake"]](row["expression"])
+                assert results[0].startswith("error: ")
+            assert messages[-1]["content"] == f"The answer is {row['answer']}."
+    kinds = chat_demos["train"]["mistake"]
+    assert 0.11 < sum(bool(kind) for kind in kinds) / len(kinds) < 0.19 and set(kinds) == {"", *MISTAKES}
+
+
+def test_chat_demos_are_sft_messages_whose_calls_and_answer_are_trained(chat_demos):
+    tokenizer = builtin_tokenizer()
+    cfg = SFTDataConfig(dataset_name="builtin:tool-arithmetic-chat-demos", max_length=512)
+    rows = chat_demos["train"].select(range(40))
+    assert detect_format(rows.column_names, cfg) == "messages"
+    for row in rows:
+        out = tokenize_example(row, tokenizer, "messages", cfg)
+        assert out["num_tokens"] <= MAX_CHAT_EXAMPLE_TOKENS
+        text = tokenizer.decode(out["input_ids"])
+        assert text.startswith("<|system|>\nYou can call these tools:\n{\"name\": \"calculator\"")  # the tools column
+        trained = tokenizer.decode([i for i, label in zip(out["input_ids"], out["labels"], strict=True)
+                                    if label != IGNORE_INDEX])
+        calls = "".join(
+            f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{a}"}}}}\n</tool_call><|endoftext|>'
+            for a in [m["tool_calls"][0]["function"]["arguments"]["expression"] for m in row["messages"] if m["tool_calls"]])
+        assert trained == calls + f"The answer is {row['answer']}.<|endoftext|>"  # never the tool responses
+
+
+def test_chat_token_lengths_with_the_builtin_tokenizer(chat_demos):
+    tokenizer = builtin_tokenizer()
+    for split in ("train", "test"):
+        for row in chat_demos[split]:
+            messages, tools = row["messages"], row["tools"]
+            prompt = tokenizer.apply_chat_template(messages[:1], tools=tools, add_generation_prompt=True, tokenize=False)
+            whole = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            prompt_ids, whole_ids = tokenizer(prompt)["input_ids"], tokenizer(whole)["input_ids"]
+            assert whole.startswith(prompt) and len(prompt_ids) <= MAX_CHAT_PROMPT_TOKENS
+            assert len(whole_ids) - len(prompt_ids) <= MAX_CHAT_EPISODE_TOKENS
+            assert len(whole_ids) <= MAX_CHAT_EXAMPLE_TOKENS
+            for message in messages:
+                if message["role"] == "assistant":
+                    turn = tokenizer.apply_chat_template([message], tokenize=False).removeprefix("<|assistant|>\n")
+                    assert len(tokenizer(turn)["input_ids"]) <= MAX_CHAT_TURN_TOKENS
+
+
+def test_the_checker_reads_chat_episodes_by_their_answer():
+    from rlhf_cli.environments.rollout import Episode
+
+    text = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "23*17-9"}}\n</tool_call>'
+    responses = [text + "\n<tool_response>\n382\n</tool_response>\n\nThe answer is 382.",
+                 text + "\n<tool_response>\n382\n</tool_response>\n\nI do not know.",
+                 text]  # cut off mid-call: its numbers are no answer
+    episodes = [Episode("p", r, answer=a) for r, a in zip(responses, ["The answer is 382.", "I do not know.", text],
+                                                           strict=True)]
+    assert tool_answer_reward(["p"] * 3, responses, episodes=episodes, answer=["382"] * 3) == [1.0, 0.0, 0.0]
+    # without episodes the text decides, from what follows the last tool response of the built-in template
+    assert tool_answer_reward(["p"] * 3, responses, answer=["382"] * 3) == [1.0, 0.0, 0.0]
+    assert final_answer(text) is None  # a <tool_call> span holds no answer

@@ -48,3 +48,31 @@ def test_cli_exits_2_with_the_message(cli, write_yaml):
     result = cli("validate", str(write_yaml("c.yaml", "stage: sft\nmodel:\n  dtype: bfloat16\n")))
     assert result.returncode == 2
     assert "model.dtype: bfloat16 with full-weight training" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "eval"])
+def test_environment_protocol_takes_text_or_chat_and_names_a_bad_value(stage):
+    tools = {"tools": ["builtin:calculator"]}
+    base = {**PPO_MIN, **({"eval": {"models": ["builtin:tiny-gpt2"]}} if stage == "eval" else {})}
+    for protocol in ("text", "chat"):
+        assert build(stage, **base, environment={**tools, "protocol": protocol}).environment.protocol == protocol
+    with pytest.raises(UserError, match="environment.protocol.*text, chat"):
+        build(stage, **base, environment={**tools, "protocol": "json"})
+
+
+@pytest.mark.parametrize(("environment", "message"), [
+    ({"tool_call_start": ""}, "environment.tool_call_start is empty"),
+    ({"tool_call_end": ""}, "environment.tool_call_end is empty"),
+    ({"tool_call_start": "<x>", "tool_call_end": "<x>"}, "environment.tool_call_end must differ"),
+])
+def test_chat_markers_are_checked(environment, message):
+    with pytest.raises(UserError, match=message):
+        build("grpo", **PPO_MIN, environment={"tools": ["builtin:calculator"], "protocol": "chat", **environment})
+
+
+def test_protocol_chat_needs_a_stop_token():
+    chat = {"tools": ["builtin:calculator"], "protocol": "chat"}
+    with pytest.raises(UserError, match="generation.stop_token: environment.protocol chat"):
+        build("grpo", **PPO_MIN, environment=chat, generation={"stop_token": None})
+    build("grpo", **PPO_MIN, environment={**chat, "protocol": "text"}, generation={"stop_token": None})  # text may
+    build("grpo", **PPO_MIN, environment={"tools": [], "protocol": "chat"}, generation={"stop_token": None})  # no tools

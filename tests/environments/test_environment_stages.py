@@ -123,3 +123,83 @@ def test_bad_environment_keys_exit_2_with_one_message(change, message, tmp_path)
     result = run_cli("grpo", str(write(tmp_path / "grpo.yaml", config)))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert message in result.stderr, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- protocol chat
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """builtin:tiny-gpt2 after a short chat SFT on the built-in calculator conversations (tools column,
+    tool calls trained, tool responses not): enough to open its turn with a <tool_call> block."""
+    root = tmp_path_factory.mktemp("chat-tools")
+    config = write(root / "sft.yaml", {
+        "stage": "sft", "model": {"model_name_or_path": "builtin:tiny-gpt2"},
+        "data": {"dataset_name": "builtin:tool-arithmetic-chat-demos", "max_length": 512, "max_train_samples": 320,
+                 "dataset_test_split": None},
+        "training": {"output_dir": str(root / "sft"), "max_steps": 40, "per_device_train_batch_size": 8,
+                     "learning_rate": 1e-2, "warmup_steps": 4, "logging_steps": 20, "save_steps": 100},
+    })
+    result = run_cli("sft", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "sft"
+
+
+def chat_online_config(model: Path | str, out: Path) -> dict:
+    return {
+        "stage": "grpo", "model": {"model_name_or_path": str(model)},
+        "data": {"dataset_name": "builtin:tool-arithmetic-chat", "max_prompt_length": 288, "dataset_test_split": None},
+        "generation": {"response_length": 72, "temperature": 0.7},
+        "reward": {"function": "builtin:tool-answer"},
+        "environment": {"tools": ["builtin:calculator"], "protocol": "chat", "max_turns": 2, "max_length": 160},
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 100},
+        "grpo": {"total_episodes": 8, "num_generations": 4, "sample_steps": 1, "num_sample_rows": 8},
+    }
+
+
+@pytest.mark.slow
+def test_chat_sft_then_grpo_and_eval_with_protocol_chat(chat_model, tmp_path):
+    out = tmp_path / "grpo"
+    result = run_cli("grpo", str(write(tmp_path / "grpo.yaml", chat_online_config(chat_model, out))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tools calculator, at most 2 turns and 160 tokens per episode (protocol chat)" in result.stderr
+    train = [row for row in read_metrics(out) if "episode" in row]
+    assert train and set(train[-1]) >= ENV_METRICS, sorted(train[-1])
+    assert all(1 <= row["env/turns"] <= 2 for row in train)
+    assert max(row["env/tool_call_rate"] for row in train) > 0, train
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert any("<tool_call>" in s["response"] and "<tool_response>" in s["response"] for s in samples), samples
+    assert all("You can call these tools:" in s["prompt"] for s in samples)  # the prompts list the tool
+    assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+
+    config = {
+        "stage": "eval",
+        "eval": {"models": [str(chat_model)], "num_prompts": 4, "samples_per_prompt": 2, "batch_size": 8,
+                 "output_dir": str(tmp_path / "eval"), "plots": False},
+        "data": {"dataset_name": "builtin:tool-arithmetic-chat", "dataset_test_split": "test", "max_prompt_length": 288},
+        "generation": {"response_length": 72, "temperature": 0.7},
+        "reward": {"function": "builtin:tool-answer"},
+        "environment": {"tools": ["builtin:calculator"], "protocol": "chat", "max_turns": 2, "max_length": 160},
+    }
+    result = run_cli("eval", str(write(tmp_path / "eval.yaml", config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tool-call rate" in result.stdout
+    (model,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"].values()
+    assert model["environment"]["env/tool_call_rate"] > 0 and 1 <= model["environment"]["env/turns"] <= 2
+
+
+def test_protocol_chat_with_text_prompts_exits_2_naming_the_key(tmp_path):
+    config = chat_online_config("builtin:tiny-gpt2", tmp_path / "out")
+    config["data"]["dataset_name"] = "builtin:tool-arithmetic"  # prompts are plain text
+    result = run_cli("grpo", str(write(tmp_path / "grpo.yaml", config)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "environment.protocol is chat" in result.stderr and "data.prompt_column" in result.stderr
+
+
+def test_protocol_chat_with_a_tool_without_type_hints_exits_2(tmp_path):
+    (tmp_path / "untyped_tools.py").write_text("def shout(text):\n    '''Shout.'''\n    return text.upper()\n")
+    config = chat_online_config("builtin:tiny-gpt2", tmp_path / "out")
+    config["environment"]["tools"] = ["untyped_tools:shout"]
+    result = run_cli("grpo", str(write(tmp_path / "grpo.yaml", config)), env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "environment.tools[0]" in result.stderr and "missing a type hint" in result.stderr
