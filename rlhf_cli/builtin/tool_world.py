@@ -25,11 +25,15 @@ Rows:
 
 * ``problem_row``: ``{"prompt", "answer", "expression"}`` for RL (``builtin:tool-arithmetic``).
 * ``demonstration``: the same plus ``completion`` (the whole episode after the prompt) and ``mistake``
-  for SFT (``builtin:tool-arithmetic-demos``). About 85% make one correct call; the rest first make a
-  call that fails (a cut-off expression, ``x`` for ``*``, a trailing ``=``, an unbalanced parenthesis),
-  read the calculator's real error, and call again correctly. Only failing calls are shown as mistakes:
-  a valid but wrong call gives the model nothing to notice, so a demo that "notices" it would teach a
-  second call at random. ``mistake`` names the kind ("" for none) so evaluations can count them.
+  for SFT (``builtin:tool-arithmetic-demos``). A quarter (NO_TOOL_RATE) answer straight away, without
+  the calculator, as a demonstrator who does the sum in their head: a model of a few million parameters
+  cannot, so imitating them is a guess. That is the decision RL with the environment learns to change
+  (recipes/tools: the SFT model skips the calculator in ~18% of held-out episodes, GRPO in <1%). Of the
+  rest, about 85% make one correct call; the others first make a call that fails (a cut-off expression,
+  ``x`` for ``*``, a trailing ``=``, an unbalanced parenthesis), read the calculator's real error, and
+  call again correctly. Only failing calls are shown as mistakes: a valid but wrong call gives the model
+  nothing to notice, so a demo that "notices" it would teach a second call at random. ``mistake`` names
+  the kind ("" for none, "no_tool" for an answer without the calculator) so evaluations can count them.
 
 For chat models (``environment.protocol: chat``) the same problems come as conversations:
 
@@ -38,8 +42,8 @@ For chat models (``environment.protocol: chat``) the same problems come as conve
 * ``chat_demonstration``: ``{"messages", "answer", "expression", "mistake", "tools"}``
   (``builtin:tool-arithmetic-chat-demos``): the user's question, an assistant message whose
   ``tool_calls`` call the calculator (``{"expression": ...}``), the ``tool`` message with the calculator's
-  real answer, and the final assistant message ``The answer is 382.``; the same share of recovered failed
-  calls as the text demos; ``tools`` holds the calculator's JSON schema (TRL's convention), so SFT renders
+  real answer, and the final assistant message ``The answer is 382.``; the same shares of answers
+  without the calculator and of recovered failed calls as the text demos; ``tools`` holds the calculator's JSON schema (TRL's convention), so SFT renders
   the prompt with the tool list exactly as the RL prompts are.
 
 ``tool_answer_reward`` (``builtin:tool-answer``) is the gold checker: 1.0 when the final answer equals
@@ -71,6 +75,7 @@ RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 ANSWER_CUE = "\nAnswer:"
 ANSWER_SENTENCE = " The answer is {}."
 MISTAKE_RATE = 0.15
+NO_TOOL_RATE = 0.25  # demos answered without the calculator (see demonstration)
 # A <call>, <result> or (chat) <tool_call> span, closed or running to the end of the text (the model may
 # stop mid-call).
 TOOL_SPAN = re.compile(r"<call>.*?(?:</call>|\Z)|<result>.*?(?:</result>|\Z)|<tool_call>.*?(?:</tool_call>|\Z)",
@@ -220,7 +225,10 @@ def _episode_calls(rng: random.Random, expression: str) -> tuple[list[str], list
 
 def demonstration(rng: random.Random, row: Row) -> Row:
     """The SFT row of ``row``: ``completion`` is the whole episode after the prompt, and ``mistake``
-    the kind of failed first call ("" when the first call is right)."""
+    the kind of failed first call ("" when the first call is right; "no_tool" for an answer given without
+    the calculator)."""
+    if rng.random() < NO_TOOL_RATE:
+        return {**row, "completion": ANSWER_SENTENCE.format(row["answer"]), "mistake": "no_tool"}
     calls, outputs, mistake = _episode_calls(rng, row["expression"])
     turns = [
         " " + format_call(argument) + format_result(output)
@@ -259,7 +267,7 @@ def chat_demonstration(rng: random.Random, row: Row, schema: dict | None = None)
     """The chat SFT row of a problem row: ``messages`` (question, calls with the calculator's real
     answers as ``tool`` messages, the answer), ``answer``, ``expression``, ``mistake`` and ``tools`` (the
     calculator's schema; ``schema`` saves making it again)."""
-    calls, outputs, mistake = _episode_calls(rng, row["expression"])
+    calls, outputs, mistake = ([], [], "no_tool") if rng.random() < NO_TOOL_RATE else _episode_calls(rng, row["expression"])
     messages = [{"role": "user", "content": question(row)}]
     for argument, output in zip(calls, outputs, strict=True):
         messages += [tool_call_message(argument), {"role": "tool", "name": TOOL_NAME, "content": output}]

@@ -111,6 +111,9 @@ def test_held_out_problems_are_never_in_train(problems, demos):
 def test_demos_follow_the_protocol_with_the_calculators_real_results(demos):
     for split in ("train", "test"):
         for row in demos[split]:
+            if row["mistake"] == "no_tool":  # the answer straight away, right, without a call
+                assert row["completion"] == f" The answer is {row['answer']}."
+                continue
             assert EPISODE.fullmatch(row["completion"]), row["completion"]
             turns = TURN.findall(row["completion"])
             assert turns[-1] == (row["expression"], row["answer"])  # the last call is right
@@ -136,17 +139,24 @@ def test_demo_results_are_exactly_what_the_tool_runner_returns(demos):
     assert any(result.status == "error" for result in results)
 
 
-def test_mistakes_are_about_fifteen_percent_and_of_every_kind(demos):
+def shares(kinds: list[str]) -> tuple[float, float]:
+    """(share of demos answered without the calculator, share of the others that recover from a failed call)."""
+    called = [kind for kind in kinds if kind != "no_tool"]
+    return 1 - len(called) / len(kinds), sum(bool(kind) for kind in called) / len(called)
+
+
+def test_a_quarter_answer_without_the_calculator_and_fifteen_percent_of_the_rest_recover(demos):
     kinds = demos["train"]["mistake"]
-    assert 0.11 < sum(bool(kind) for kind in kinds) / len(kinds) < 0.19
-    assert set(kinds) == {"", *MISTAKES}
+    no_tool, recovered = shares(kinds)
+    assert 0.22 < no_tool < 0.28 and 0.11 < recovered < 0.19  # NO_TOOL_RATE 0.25, MISTAKE_RATE 0.15 of 4,000
+    assert set(kinds) == {"", "no_tool", *MISTAKES}
 
 
 def test_a_recovered_mistake_reads_the_calculators_error():
     row = {"prompt": "p", "answer": "382", "expression": "23*17-9"}
     rng = random.Random(0)
     episodes = {}
-    while len(episodes) < len(MISTAKES) + 1:  # every kind and no mistake
+    while len(episodes) < len(MISTAKES) + 2:  # every kind, no mistake and no call
         demo = demonstration(rng, row)
         episodes[demo["mistake"]] = demo["completion"]
     assert episodes["cut"] == (
@@ -157,6 +167,7 @@ def test_a_recovered_mistake_reads_the_calculators_error():
     assert "<result>error: unexpected character '=' at position 7</result>" in episodes["equals"]
     assert "<result>error: missing ')' for the '(' at position 0</result>" in episodes["paren"]
     assert episodes[""] == " <call>calculator 23*17-9</call><result>382</result> The answer is 382."
+    assert episodes["no_tool"] == " The answer is 382."
 
 
 def test_token_lengths_with_the_builtin_tokenizer(demos):
@@ -328,6 +339,9 @@ def test_chat_demos_call_the_calculator_and_read_its_real_answers(chat_demos):
             messages = row["messages"]
             assert row["tools"] == [schema]
             roles = [m["role"] for m in messages]
+            if row["mistake"] == "no_tool":
+                assert roles == ["user", "assistant"] and messages[-1]["content"] == f"The answer is {row['answer']}."
+                continue
             calls = 2 if row["mistake"] else 1
             assert roles == ["user"] + ["assistant", "tool"] * calls + ["assistant"]
             arguments = [m["tool_calls"][0]["function"]["arguments"] for m in messages if m["tool_calls"]]
@@ -338,8 +352,9 @@ def test_chat_demos_call_the_calculator_and_read_its_real_answers(chat_demos):
                 assert arguments[0]["expression"] == MISTAKES[row["mistake"]](row["expression"])
                 assert results[0].startswith("error: ")
             assert messages[-1]["content"] == f"The answer is {row['answer']}."
-    kinds = chat_demos["train"]["mistake"]
-    assert 0.11 < sum(bool(kind) for kind in kinds) / len(kinds) < 0.19 and set(kinds) == {"", *MISTAKES}
+    no_tool, recovered = shares(chat_demos["train"]["mistake"])
+    assert 0.22 < no_tool < 0.28 and 0.11 < recovered < 0.19
+    assert set(chat_demos["train"]["mistake"]) == {"", "no_tool", *MISTAKES}
 
 
 def test_chat_demos_are_sft_messages_whose_calls_and_answer_are_trained(chat_demos):
