@@ -1,11 +1,20 @@
-"""The launch configs under configs/accelerate/ are valid accelerate config files."""
+"""The launch configs under configs/accelerate/: valid accelerate config files, and the ones a CPU can
+launch do what their comments say (`accelerate launch --config_file ...` starts that many processes)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+# The configs a CPU can launch, and the processes each says it starts; the GPU ones (multi_gpu,
+# deepspeed_zero2, fsdp) are launched by the GPU check script instead.
+CPU_LAUNCHES = {"cpu_ddp.yaml": 2, "single_gpu.yaml": 1}
 
 
 def test_there_are_launch_configs():
@@ -16,3 +25,26 @@ def test_there_are_launch_configs():
 def test_launch_config_loads(path):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.num_processes >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CPU_LAUNCHES))
+def test_accelerate_launch_starts_the_processes_the_config_says(name, tmp_path):
+    """As a user types it: `accelerate launch --config_file configs/accelerate/NAME -m rlhf_cli sft ...`
+    trains with that many processes (the run's first log line names them)."""
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": "sft", "model": {"model_name_or_path": "builtin:tiny-gpt2"},
+        "data": {"dataset_name": "builtin:reviews", "dataset_format": "text", "max_train_samples": 64,
+                 "dataset_test_split": None, "max_length": 32},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "logging_steps": 1, "save_steps": 100},
+    }))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / name), "-m", "rlhf_cli", "sft", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    processes = CPU_LAUNCHES[name]
+    assert f"({processes} process{'es' if processes > 1 else ''}, cpu" in result.stderr, result.stderr[-4000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
