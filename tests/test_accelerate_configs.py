@@ -48,3 +48,6 @@ def test_accelerate_launch_starts_the_processes_the_config_says(name, tmp_path):
     processes = CPU_LAUNCHES[name]
     assert f"({processes} process{'es' if processes > 1 else ''}, cpu" in result.stderr, result.stderr[-4000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
+    # single_gpu.yaml asks for bf16; the recipe (no training.bf16) decides, and the run says so
+    said = "the launcher asks for mixed precision 'bf16', but this run uses 'no'" in result.stderr
+    assert said == (ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / name)).mixed_precision == "bf16")

@@ -12,7 +12,7 @@ from rlhf_cli.config.loader import to_dict
 from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.loading import describe_model
-from rlhf_cli.training.accel import make_accelerator
+from rlhf_cli.training.accel import launch_warnings, make_accelerator
 from rlhf_cli.training.checkpoint import resume_checkpoint, set_aside_damaged
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.model_card import write_model_cards
@@ -95,6 +95,8 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         log.info("rlhf %s -> %s (%d process%s, %s)", stage, output_dir, accelerator.num_processes,
                  "es" if accelerator.num_processes > 1 else "", accelerator.device)
+        for warning in launch_warnings(accelerator):
+            log.warning(warning)
     # the trackers write into the folder, so they start once it is ready (--overwrite has emptied it)
     start_trackers(accelerator, output_dir, config.training.run_name or output_dir.name,
                    config.training.report_to, to_dict(stage, config))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
@@ -43,6 +43,28 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
     )
     set_seed(training.seed)
     return accelerator
+
+
+# Engines whose paths (parameters gathered around generate, the engine's own step and gradient norm,
+# sharded checkpoints) have not run yet: rlhf is tested data-parallel on CPU processes (gloo) only.
+UNTESTED_ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+
+
+def launch_warnings(accelerator: Accelerator) -> list[str]:
+    """What a user should know about how the run was launched, said at start-up instead of found out later:
+    an engine rlhf has not been tested under, and a launcher's mixed precision that the config overrides
+    (`accelerate launch` exports its config's `mixed_precision`; training.bf16 / training.fp16 decide)."""
+    warnings = []
+    engine = UNTESTED_ENGINES.get(accelerator.distributed_type)
+    if engine is not None:
+        warnings.append(f"{engine}: rlhf has not been tested under {engine} yet (only data-parallel processes on "
+                        "CPU are); generation with sharded parameters, checkpoints and resume may fail.")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", accelerator.mixed_precision):
+        warnings.append(f"the launcher asks for mixed precision {launcher!r}, but this run uses "
+                        f"{accelerator.mixed_precision!r}: rlhf takes it from training.bf16 / training.fp16 in the "
+                        "config (set one of them, or mixed_precision: \"no\" in the accelerate config).")
+    return warnings
 
 
 @torch.no_grad()

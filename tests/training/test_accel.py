@@ -1,0 +1,37 @@
+"""Start-up warnings about how a run was launched (training/accel.py `launch_warnings`)."""
+
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
+
+from rlhf_cli.training.accel import launch_warnings
+
+
+def accelerator(engine=DistributedType.NO, precision="no"):
+    return SimpleNamespace(distributed_type=engine, mixed_precision=precision)
+
+
+@pytest.mark.parametrize("engine, name", [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")])
+def test_an_untested_engine_is_said_at_start_up(engine, name, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    (warning,) = launch_warnings(accelerator(engine))
+    assert warning.startswith(f"{name}: rlhf has not been tested under {name}")
+
+
+@pytest.mark.parametrize("engine", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
+def test_data_parallel_and_single_process_runs_say_nothing(engine, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launch_warnings(accelerator(engine)) == []
+
+
+def test_a_launchers_mixed_precision_the_config_overrides_is_said(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    (warning,) = launch_warnings(accelerator(precision="no"))
+    assert "mixed precision 'bf16'" in warning and "training.bf16" in warning
+
+
+@pytest.mark.parametrize("launcher, run", [("no", "bf16"), ("bf16", "bf16")])
+def test_a_launcher_that_agrees_or_asks_for_nothing_says_nothing(launcher, run, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert launch_warnings(accelerator(precision=run)) == []
