@@ -48,17 +48,26 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
 # Engines whose paths (parameters gathered around generate, the engine's own step and gradient norm,
 # sharded checkpoints) have not run yet: rlhf is tested data-parallel on CPU processes (gloo) only.
 UNTESTED_ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+# What `accelerate launch` exports when its config asks for an engine; accelerate applies either on GPUs
+# only, so on CPU processes the run is plain data-parallel instead.
+LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
 
 
 def launch_warnings(accelerator: Accelerator) -> list[str]:
     """What a user should know about how the run was launched, said at start-up instead of found out later:
-    an engine rlhf has not been tested under, and a launcher's mixed precision that the config overrides
+    an engine rlhf has not been tested under, an engine the launcher asked for that accelerate did not apply
+    (on CPU), and a launcher's mixed precision that the config overrides
     (`accelerate launch` exports its config's `mixed_precision`; training.bf16 / training.fp16 decide)."""
     warnings = []
     engine = UNTESTED_ENGINES.get(accelerator.distributed_type)
     if engine is not None:
         warnings.append(f"{engine}: rlhf has not been tested under {engine} yet (only data-parallel processes on "
                         "CPU are); generation with sharded parameters, checkpoints and resume may fail.")
+    for variable, asked in LAUNCHER_ENGINES.items():
+        if os.environ.get(variable, "false").lower() == "true" and engine != asked:
+            warnings.append(f"the launcher asks for {asked}, but accelerate runs this as {accelerator.distributed_type.value} "
+                            f"({accelerator.num_processes} process(es) on {accelerator.device.type}): it applies {asked} "
+                            "on GPUs only, so every process holds the whole model.")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", accelerator.mixed_precision):
         warnings.append(f"the launcher asks for mixed precision {launcher!r}, but this run uses "

@@ -9,19 +9,24 @@ from rlhf_cli.training.accel import launch_warnings
 
 
 def accelerator(engine=DistributedType.NO, precision="no"):
-    return SimpleNamespace(distributed_type=engine, mixed_precision=precision)
+    return SimpleNamespace(distributed_type=engine, mixed_precision=precision, num_processes=2,
+                           device=SimpleNamespace(type="cpu"))
+
+
+@pytest.fixture(autouse=True)
+def no_launcher(monkeypatch):
+    for variable in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.mark.parametrize("engine, name", [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")])
 def test_an_untested_engine_is_said_at_start_up(engine, name, monkeypatch):
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     (warning,) = launch_warnings(accelerator(engine))
     assert warning.startswith(f"{name}: rlhf has not been tested under {name}")
 
 
 @pytest.mark.parametrize("engine", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
 def test_data_parallel_and_single_process_runs_say_nothing(engine, monkeypatch):
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert launch_warnings(accelerator(engine)) == []
 
 
@@ -35,3 +40,17 @@ def test_a_launchers_mixed_precision_the_config_overrides_is_said(monkeypatch):
 def test_a_launcher_that_agrees_or_asks_for_nothing_says_nothing(launcher, run, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     assert launch_warnings(accelerator(precision=run)) == []
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_an_engine_the_launcher_asked_for_but_accelerate_did_not_apply_is_said(variable, name, monkeypatch):
+    """On CPU, accelerate runs an FSDP or DeepSpeed launch as plain data-parallel processes."""
+    monkeypatch.setenv(variable, "true")
+    (warning,) = launch_warnings(accelerator(DistributedType.MULTI_CPU))
+    assert warning.startswith(f"the launcher asks for {name}, but accelerate runs this as MULTI_CPU (2 process(es) on cpu)")
+
+
+def test_an_engine_that_was_applied_is_only_said_untested(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    (warning,) = launch_warnings(accelerator(DistributedType.FSDP))
+    assert warning.startswith("FSDP: rlhf has not been tested")
