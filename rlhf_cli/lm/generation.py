@@ -75,7 +75,7 @@ def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompt
 
     Long prompts keep their LAST tokens (the part next to the response) or are refused. `tools` (the tool
     schemas of `environment.protocol: chat`) are rendered into every conversation by the chat template,
-    and then every prompt must be a conversation.
+    and then every prompt must be a conversation, and a long one is refused (its start holds the tool list).
     """
     encoded, cut = [], 0
     for i, prompt in enumerate(prompts):
@@ -93,6 +93,12 @@ def encode_prompts(prompts: list, tokenizer, max_prompt_length: int, long_prompt
         else:
             raise UserError(f"data row {i}: the prompt must be a non-empty string or a list of messages, got {prompt!r:.80}.")
         if len(ids) > max_prompt_length:
+            if tools:  # cutting the start would cut the tool list the template writes there
+                raise UserError(
+                    f"data row {i}: the prompt rendered with the tools' schemas (environment.protocol: chat) has "
+                    f"{len(ids)} tokens, more than data.max_prompt_length ({max_prompt_length}); keeping its last "
+                    "tokens would drop the tool list, so raise data.max_prompt_length."
+                )
             if long_prompts == "reject":
                 raise UserError(
                     f"data row {i}: the prompt has {len(ids)} tokens, more than data.max_prompt_length "

@@ -370,3 +370,12 @@ def test_prompts_must_be_conversations_under_the_chat_protocol(builtin_tok, sche
     without, _ = encode_prompts([conversation("Hi")], builtin_tok, 512, "reject")
     assert builtin_tok.decode(with_tools[0]).startswith("<|system|>\nYou can call these tools:\n{\"name\": \"calculator\"")
     assert builtin_tok.decode(with_tools[0]).endswith(builtin_tok.decode(without[0]))
+
+
+def test_a_chat_prompt_too_long_for_its_tool_list_is_refused_not_cut(builtin_tok, schema):
+    """Keeping a long prompt's last tokens would silently drop the tool list at its start."""
+    (ids,), _ = encode_prompts([conversation("Hi")], builtin_tok, 512, "truncate_left", tools=[schema])
+    with pytest.raises(UserError, match="data row 0: the prompt rendered with the tools' schemas.*raise data.max_prompt_length"):
+        encode_prompts([conversation("Hi")], builtin_tok, len(ids) - 1, "truncate_left", tools=[schema])
+    (cut,), count = encode_prompts([conversation("Hi")], builtin_tok, len(ids) - 1, "truncate_left")
+    assert count == 0 and len(cut) < len(ids) - 1  # without tools it fits: nothing to refuse
