@@ -211,8 +211,10 @@ MISTAKES: dict[str, Callable[[str], str | None]] = {
 
 
 def _episode_calls(rng: random.Random, expression: str) -> tuple[list[str], list[str], str]:
-    """(the calls' arguments, the calculator's answers, the mistake's kind): the right call, after a
-    failing one in MISTAKE_RATE of the episodes."""
+    """(the calls' arguments, the calculator's answers, the mistake's kind): none in NO_TOOL_RATE of the
+    episodes (kind "no_tool"), else the right call, after a failing one in MISTAKE_RATE of those."""
+    if rng.random() < NO_TOOL_RATE:
+        return [], [], "no_tool"
     calls, mistake = [expression], ""
     if rng.random() < MISTAKE_RATE:
         mistake = rng.choice([kind for kind, make in MISTAKES.items() if make(expression) is not None])
@@ -227,8 +229,6 @@ def demonstration(rng: random.Random, row: Row) -> Row:
     """The SFT row of ``row``: ``completion`` is the whole episode after the prompt, and ``mistake``
     the kind of failed first call ("" when the first call is right; "no_tool" for an answer given without
     the calculator)."""
-    if rng.random() < NO_TOOL_RATE:
-        return {**row, "completion": ANSWER_SENTENCE.format(row["answer"]), "mistake": "no_tool"}
     calls, outputs, mistake = _episode_calls(rng, row["expression"])
     turns = [
         " " + format_call(argument) + format_result(output)
@@ -267,7 +267,7 @@ def chat_demonstration(rng: random.Random, row: Row, schema: dict | None = None)
     """The chat SFT row of a problem row: ``messages`` (question, calls with the calculator's real
     answers as ``tool`` messages, the answer), ``answer``, ``expression``, ``mistake`` and ``tools`` (the
     calculator's schema; ``schema`` saves making it again)."""
-    calls, outputs, mistake = ([], [], "no_tool") if rng.random() < NO_TOOL_RATE else _episode_calls(rng, row["expression"])
+    calls, outputs, mistake = _episode_calls(rng, row["expression"])
     messages = [{"role": "user", "content": question(row)}]
     for argument, output in zip(calls, outputs, strict=True):
         messages += [tool_call_message(argument), {"role": "tool", "name": TOOL_NAME, "content": output}]

@@ -53,14 +53,6 @@ class TextProtocol:
             return "", body[start + len(self.call_start):].strip()
         return match.group(1), match.group(2).strip()
 
-    def format_result(self, text: str) -> str:
-        return f"{self.result_start}{text}{self.result_end}"
-
-    def final_text(self, episode_text: str) -> str:
-        """What the model wrote after the last tool result: its answer."""
-        end = episode_text.rfind(self.result_end)
-        return episode_text if end < 0 else episode_text[end + len(self.result_end):]
-
     # ---- the interface the rollout uses (shared with ChatProtocol)
 
     @property
@@ -79,12 +71,7 @@ class TextProtocol:
 
     def inserted_text(self, calls: list[tuple[str, str]], results: list[str]) -> str:
         """What the environment appends after a turn's calls: the (one) result between its markers."""
-        return "".join(self.format_result(result) for result in results)
-
-    def answer(self, episode_text: str, tail: str) -> str:
-        """The episode's answer: the text after the last result marker (`tail`, the decoded tokens after
-        the last inserted span, is for the chat protocol)."""
-        return self.final_text(episode_text)
+        return "".join(f"{self.result_start}{result}{self.result_end}" for result in results)
 
 
 # The conversation a tool block is rendered after (see ChatProtocol): one user turn and the sentinel reply.
@@ -203,7 +190,3 @@ class ChatProtocol:
                             "the text it inserts for a tool result cannot be found; use protocol text or another "
                             "template.")
         return self.closing + full[len(self._head):]
-
-    def answer(self, episode_text: str, tail: str) -> str:
-        """The content of the last assistant turn: the model's text after the last inserted block (`tail`)."""
-        return tail

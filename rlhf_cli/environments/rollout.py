@@ -198,10 +198,11 @@ class TextEnvironment:
             response_mask[i, : len(tokens)] = True
             loss_mask[i, : len(tokens)] = torch.tensor(mine, dtype=torch.bool)
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in responses]
-        tails = self.tokenizer.batch_decode([r[at:] for r, at in zip(responses, answered, strict=True)],
-                                            skip_special_tokens=True)
-        for episode, text, tail in zip(episodes, texts, tails, strict=True):
-            episode.text, episode.answer = text, self.protocol.answer(text, tail)
+        # the answer: what the model wrote after the last inserted span (the whole text without one)
+        answers = self.tokenizer.batch_decode([r[at:] for r, at in zip(responses, answered, strict=True)],
+                                              skip_special_tokens=True)
+        for episode, text, answer in zip(episodes, texts, answers, strict=True):
+            episode.text, episode.answer = text, answer
         stopped = torch.tensor([e.stop_reason == "eos" for e in episodes], dtype=torch.bool)
         exp = Experience(query_ids, query_mask, response_ids.to(device), response_mask.to(device), stopped.to(device),
                          prompts=[e.prompt for e in episodes], responses=texts, loss_mask=loss_mask.to(device))
