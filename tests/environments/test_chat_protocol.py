@@ -282,9 +282,8 @@ def test_tool_errors_are_read_back_by_the_model(builtin_tok, schema):
 def test_a_trainer_step_on_chat_episodes_trains_only_the_models_tokens(builtin_tok, schema, tmp_path):
     """Log-probs of the padded batch equal each episode's own unpadded forward, the first ratio is 1, and
     the inserted template tokens get no advantage."""
+    from environments.episode_checks import check_first_update
     from ppo.test_performance_equivalence import make_trainer
-
-    from rlhf_cli.lm.logprobs import logprobs_from_logits
 
     scripts = {"What is 2+3?": [CALL + EOS, "It is 5." + EOS],
                "A much longer question about 7*6 and then 42-1?": [call("7*6") + EOS, call("42-1") + EOS, "41" + EOS],
@@ -294,19 +293,7 @@ def test_a_trainer_step_on_chat_episodes_trains_only_the_models_tokens(builtin_t
     ids, _ = encode_prompts([conversation(q) for q in scripts], builtin_tok, 512, "reject", tools=[schema])
     q, m = left_pad(ids, builtin_tok.pad_token_id)
     exp = env.rollout(q, m)
-    old, _, _ = trainer.evaluate(exp)
-    policy = trainer.unwrapped.policy.eval()
-    for i in range(len(exp)):
-        query = exp.query_ids[i][exp.query_mask[i].bool()]
-        response = exp.response_ids[i][exp.response_mask[i]]
-        with torch.no_grad():
-            logits = policy(torch.cat([query, response])[None]).logits[0, len(query) - 1 : -1]
-        want = logprobs_from_logits(logits[None], response[None], trainer.temperature)[0]
-        torch.testing.assert_close(old[i, : len(response)], want, atol=1e-5, rtol=1e-5)
-    stats = trainer.step(exp, torch.tensor([1.0, 0.0, 1.0]))
-    assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-6)
-    inserted = exp.response_mask & ~exp.loss_mask
-    assert inserted.any() and (exp.advantages[inserted] == 0).all()
+    check_first_update(trainer, exp)
 
 
 # ---------------------------------------------------------------- tools with JSON schemas

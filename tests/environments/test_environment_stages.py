@@ -25,14 +25,19 @@ def write(path: Path, config: dict) -> Path:
 def demo_model(tmp_path_factory) -> Path:
     """builtin:tiny-gpt2 after 50 steps on 800 demonstrations: it has learned the protocol's shape
     (it opens calls and closes them), not yet the numbers."""
-    root = tmp_path_factory.mktemp("tools")
+    return sft_tiny(tmp_path_factory.mktemp("tools"),
+                    {"dataset_name": "builtin:tool-arithmetic-demos", "dataset_format": "prompt-completion",
+                     "tool_result_markers": ["<result>", "</result>"], "max_length": 192, "max_train_samples": 800},
+                    {"max_steps": 50, "per_device_train_batch_size": 16, "warmup_steps": 5})
+
+
+def sft_tiny(root: Path, data: dict, training: dict) -> Path:
+    """builtin:tiny-gpt2 SFT'd through the CLI at lr 1e-2 on `data`, in root/sft."""
     config = write(root / "sft.yaml", {
         "stage": "sft", "model": {"model_name_or_path": "builtin:tiny-gpt2"},
-        "data": {"dataset_name": "builtin:tool-arithmetic-demos", "dataset_format": "prompt-completion",
-                 "tool_result_markers": ["<result>", "</result>"], "max_length": 192, "max_train_samples": 800,
-                 "dataset_test_split": None},
-        "training": {"output_dir": str(root / "sft"), "max_steps": 50, "per_device_train_batch_size": 16,
-                     "learning_rate": 1e-2, "warmup_steps": 5, "logging_steps": 20, "save_steps": 100},
+        "data": {**data, "dataset_test_split": None},
+        "training": {"output_dir": str(root / "sft"), "learning_rate": 1e-2, "logging_steps": 20, "save_steps": 100,
+                     **training},
     })
     result = run_cli("sft", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,17 +137,9 @@ def test_bad_environment_keys_exit_2_with_one_message(change, message, tmp_path)
 def chat_model(tmp_path_factory) -> Path:
     """builtin:tiny-gpt2 after a short chat SFT on the built-in calculator conversations (tools column,
     tool calls trained, tool responses not): enough to open its turn with a <tool_call> block."""
-    root = tmp_path_factory.mktemp("chat-tools")
-    config = write(root / "sft.yaml", {
-        "stage": "sft", "model": {"model_name_or_path": "builtin:tiny-gpt2"},
-        "data": {"dataset_name": "builtin:tool-arithmetic-chat-demos", "max_length": 512, "max_train_samples": 320,
-                 "dataset_test_split": None},
-        "training": {"output_dir": str(root / "sft"), "max_steps": 40, "per_device_train_batch_size": 8,
-                     "learning_rate": 1e-2, "warmup_steps": 4, "logging_steps": 20, "save_steps": 100},
-    })
-    result = run_cli("sft", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "sft"
+    return sft_tiny(tmp_path_factory.mktemp("chat-tools"),
+                    {"dataset_name": "builtin:tool-arithmetic-chat-demos", "max_length": 512, "max_train_samples": 320},
+                    {"max_steps": 40, "per_device_train_batch_size": 8, "warmup_steps": 4})
 
 
 def chat_online_config(model: Path | str, out: Path) -> dict:

@@ -166,9 +166,8 @@ def test_a_trainer_step_on_episodes_trains_only_the_models_tokens(tok, tmp_path)
     """Rows of different prompt and episode lengths, with inserted results: the log-probs the trainer
     computes for the padded batch equal each episode's own unpadded forward, the first mini-batch's
     ratio is 1, and the advantages at the inserted tokens are 0 (GAE carries across them)."""
+    from environments.episode_checks import check_first_update
     from ppo.test_performance_equivalence import make_trainer
-
-    from rlhf_cli.lm.logprobs import logprobs_from_logits
 
     scripts = {"Film one:": [" <call>calculator 2+3</call>", " five" + EOS],
                "A much longer film prompt:": [" <call>calculator 7*6</call>", " <call>calculator 42-1</call>", " ok" + EOS],
@@ -177,17 +176,4 @@ def test_a_trainer_step_on_episodes_trains_only_the_models_tokens(tok, tmp_path)
     trainer = make_trainer(tmp_path, "builtin:tiny-gpt2", num_mini_batches=1, num_ppo_epochs=1)
     q, m = trainer.encode(list(scripts))
     exp = env.rollout(q, m)
-    old, values, _ = trainer.evaluate(exp)
-    policy = trainer.unwrapped.policy.eval()
-    for i in range(len(exp)):
-        query = exp.query_ids[i][exp.query_mask[i].bool()]
-        response = exp.response_ids[i][exp.response_mask[i]]
-        with torch.no_grad():
-            logits = policy(torch.cat([query, response])[None]).logits[0, len(query) - 1 : -1]
-        want = logprobs_from_logits(logits[None], response[None], trainer.temperature)[0]
-        torch.testing.assert_close(old[i, : len(response)], want, atol=1e-5, rtol=1e-5)
-    stats = trainer.step(exp, torch.tensor([1.0, 0.0, 1.0]))
-    assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-6)
-    inserted = exp.response_mask & ~exp.loss_mask
-    assert inserted.any() and (exp.advantages[inserted] == 0).all()
-    assert (exp.advantages[exp.loss_mask] != 0).any()
+    check_first_update(trainer, exp)
