@@ -80,6 +80,13 @@ def sft_model(tmp_path_factory) -> Path:
     return out
 
 
+def read_head_in_chunks(monkeypatch, logits: int) -> None:
+    """Make lm/head.py chunk any read above `logits` logits, in chunks of that many (its defaults
+    are sized for real vocabularies, so tests on tiny ones would read in one piece)."""
+    for name in ("WHOLE_LOGITS", "CHUNK_LOGITS", "CPU_CHUNK_LOGITS"):
+        monkeypatch.setattr(f"rlhf_cli.lm.head.{name}", logits)
+
+
 class OneProcess:
     """What an online algorithm reads from its trainer (online/trainer.py): reductions and the episode
     count, here for one CPU process."""

@@ -17,7 +17,8 @@ reward = {"model": s["reward_model"]} if s.get("reward_model") else {"function":
 config = build_stage("ppo", {
     "model": {"model_name_or_path": s["policy"]},
     "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": s["max_prompt_length"],
-             "max_eval_samples": s["stage_eval_samples"]},
+             "max_eval_samples": s["stage_eval_samples"],
+             **({"dataset_test_split": None} if s.get("no_eval") else {})},  # no held-out sampling (bench/memory.py)
     "generation": {"response_length": s["response_length"], "temperature": s["temperature"], "top_k": 0, "top_p": 1.0},
     "reward": reward,
     "training": {"output_dir": s["output_dir"], "seed": s["seed"], "learning_rate": s["learning_rate"],

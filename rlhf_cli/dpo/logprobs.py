@@ -5,8 +5,7 @@ response token are projected onto the vocabulary: the model is called with `logi
 (transformers slices the hidden states before the LM head, so the prompt columns common to the batch
 never reach it) and a hook on the LM head gathers the predicting positions of every row (so neither
 a longer prompt's columns nor padding are projected; on the review pairs that is ~40% of the kept
-columns). The log-softmax is computed in float32 as gathered logit - logsumexp, without a (N, V)
-log-softmax tensor; for float32 models the logits themselves are used, not a copy.
+columns). Those positions are then projected in chunks (lm/head.py), so no (N, V) logits are held.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_cli.lm.forward import head_at, supports_logits_to_keep
-from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.head import read_tokens
 
 
 @dataclass
@@ -60,15 +59,22 @@ def sequence_logps(model, batch: dict) -> SequenceLogps:
     # Columns before the first predicting one are never projected: with logits_to_keep the model
     # slices them off before its LM head (and the hook cuts the mask to the columns it gets)
     keep = input_ids.shape[1] - int(predicting.any(dim=0).nonzero()[0])
-    with head_at(model, predicting) as gathered:
-        logits = _forward(model, inputs, keep)  # (1, N_r, V) gathered, else (rows, keep, V)
-    logits = logits[0] if gathered else logits[predicting[:, -logits.shape[1]:]]  # (N_r, V)
-    token_logps = logprobs_from_logits(logits, input_ids[response])  # (N_r,)
+    projected = {}  # whether the head saw only the predicting positions (lm/forward.py head_at)
+
+    def forward() -> tuple[torch.Tensor, None]:
+        with head_at(model, predicting) as gathered:
+            projected["gathered"] = gathered
+            return _forward(model, inputs, keep), None  # (1, N_r, V) gathered, else (rows, keep, V)
+
+    def predicting_only(x: torch.Tensor) -> torch.Tensor:  # -> (1, N_r, ...)
+        return x if projected["gathered"] else x[predicting[:, -x.shape[1]:]][None]
+
+    stats, _ = read_tokens(model, forward, predicting_only, input_ids[response][None], 1.0, mean_logit=True)
+    token_logps, mean_logits = stats.logprobs[0], stats.mean_logit[0]  # (N_r,) each
 
     def per_sequence(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, owner, values)
 
-    mean_logits = logits.detach().float().mean(dim=-1)  # (N_r,)
     return SequenceLogps(per_sequence(token_logps), per_sequence(mean_logits),
                          per_sequence(torch.ones_like(mean_logits)))
 
@@ -77,10 +83,11 @@ def _seq2seq_logps(model, batch: dict) -> SequenceLogps:
     """An encoder-decoder batch (Seq2SeqDPOCollator): the decoder's logits at t predict labels[t], so
     every real target position is projected; padding rows are masked out of the sums."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
-    logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
+    stats, _ = read_tokens(model, lambda: (model(**inputs, use_cache=False).logits, None), lambda x: x,
+                           batch["labels"].clamp(min=0), 1.0, mean_logit=True)
     response = batch["response_mask"]  # (2B, T)
-    token_logps = logprobs_from_logits(logits, batch["labels"].clamp(min=0)) * response  # (2B, T)
-    mean_logits = logits.detach().float().mean(dim=-1) * response  # (2B, T)
+    token_logps = stats.logprobs * response  # (2B, T)
+    mean_logits = stats.mean_logit * response  # (2B, T)
     return SequenceLogps(token_logps.sum(-1), mean_logits.sum(-1), response.sum(-1).to(token_logps.dtype))
 
 

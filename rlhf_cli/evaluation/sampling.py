@@ -23,7 +23,7 @@ from rlhf_cli.lm.generation import (
     sample_responses,
     stop_token_id,
 )
-from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.head import read_tokens
 from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop
 from rlhf_cli.models.dropout import disable_dropout
 from rlhf_cli.models.loading import load_model, load_tokenizer
@@ -82,9 +82,10 @@ class EvalModel:
     def response_logprobs(self, query_ids, query_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
         """log softmax(logits / temperature) at each response token: (B, T) float32."""
         inputs = model_inputs(self.config, query_ids, query_mask, response_ids, response_mask)
-        logits = self.model(**inputs, use_cache=False).logits
-        logits = response_slice(logits, query_ids.shape[1], response_ids.shape[1], self.encoder_decoder)
-        return logprobs_from_logits(logits, response_ids, temperature)
+        P, T = query_ids.shape[1], response_ids.shape[1]
+        stats, _ = read_tokens(self.model, lambda: (self.model(**inputs, use_cache=False).logits, None),
+                               lambda x: response_slice(x, P, T, self.encoder_decoder), response_ids, temperature)
+        return stats.logprobs
 
 
 @torch.no_grad()

@@ -92,7 +92,7 @@ def head_at(model, positions: torch.Tensor):
         hidden = args[0]  # (b, k, H): the columns the model projects
         return (hidden[positions[:, positions.shape[1] - hidden.shape[1]:]].unsqueeze(0), *args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
+    handle = head.register_forward_pre_hook(gather, prepend=True)  # before other hooks (lm/head.py's)
     try:
         yield True
     finally:

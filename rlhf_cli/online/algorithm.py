@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf_cli.lm.logprobs import entropy_from_logits
 from rlhf_cli.lm.masking import masked_mean, masked_sum
 
 
@@ -34,14 +33,13 @@ class MicroBatch:
 
     idx: Tensor  # (b,) rows of the experience
     cols: slice  # the first T' response columns: the rest is padding in every one of these rows
-    logits: Tensor  # (b, T', V) response logits, with grad
     logprobs: Tensor  # (b, T') log-probs of the response tokens at the sampling temperature, with grad
+    entropy: Tensor  # (b, T') at the sampling temperature; with grad only if the algorithm's entropy_coef > 0
     values: Tensor | None  # (b, T') with grad (algorithms with a critic)
     mask: Tensor  # (b, T') bool: the loss mask
     tokens: Tensor  # () see above
     local_tokens: Tensor  # () the mini-batch's valid tokens on this process
     rows: int
-    temperature: float
 
     def take(self, x: Tensor) -> Tensor:
         """Rows and columns of a (B, T) experience tensor for this micro-batch."""
@@ -52,6 +50,7 @@ class Algorithm:
     uses_critic = False
     num_epochs = 1
     num_mini_batches = 1
+    entropy_coef = 0.0  # > 0: an entropy bonus in the loss (its gradient is computed)
 
     @property
     def uses_reference(self) -> bool:
@@ -76,11 +75,9 @@ class Algorithm:
 def entropy_term(batch: MicroBatch, coef: float) -> tuple[Tensor, Tensor]:
     """(-coef x summed entropy / batch.tokens to add to the loss, mean entropy statistic).
 
-    Without a coefficient the entropy is only a statistic: no autograd graph (and no backward)
-    through a (b, T, V) softmax."""
+    Without a coefficient the entropy is only a statistic: the updater computed it without an
+    autograd graph (no backward through a (b, T, V) softmax)."""
+    statistic = masked_mean(batch.entropy.detach(), batch.mask)
     if coef:
-        per_token = entropy_from_logits(batch.logits, batch.temperature)
-        return -coef * masked_sum(per_token, batch.mask) / batch.tokens, masked_mean(per_token.detach(), batch.mask)
-    with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(batch.logits.detach(), batch.temperature), batch.mask)
-    return torch.zeros((), device=batch.logits.device), entropy
+        return -coef * masked_sum(batch.entropy, batch.mask) / batch.tokens, statistic
+    return torch.zeros((), device=batch.entropy.device), statistic

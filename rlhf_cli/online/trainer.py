@@ -19,7 +19,7 @@ import torch
 
 from rlhf_cli.lm.forward import model_inputs, response_slice, supports_logits_to_keep, trim_padding
 from rlhf_cli.lm.generation import encode_prompts, install_sampling_config, left_pad, stop_token_id
-from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.head import TokenStats, read_tokens
 from rlhf_cli.lm.masking import lengths_to_mask, trailing_pad_lengths, truncate_after_stop
 from rlhf_cli.lm.sampler import HFSampler
 from rlhf_cli.models.policy import reference_mode
@@ -54,7 +54,7 @@ class OnlineTrainer:
         self.scheduler = make_scheduler(optimizer, config.training, updates)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.reference = reference.to(accelerator.device).eval() if reference is not None else None
-        self.updater = Updater(self.model, self.optimizer, self.scheduler, accelerator, config.training, self.temperature)
+        self.updater = Updater(self.model, self.optimizer, self.scheduler, accelerator, config.training)
         self.stop_id = stop_token_id(config.generation, tokenizer)
         unwrapped = self.unwrapped
         self.encoder_decoder = unwrapped.is_encoder_decoder
@@ -160,36 +160,45 @@ class OnlineTrainer:
             inputs["logits_to_keep"] = resp.shape[1] + 1
         return inputs, q.shape[1], resp.shape[1]
 
-    def _response_logits(self, logits: torch.Tensor, P: int, T: int, kept: bool) -> torch.Tensor:
-        return logits[:, :T] if kept else response_slice(logits, P, T, self.encoder_decoder)
+    def _read(self, model, forward, r: Experience, idx, inputs_of: tuple[int, int, bool],
+              entropy: str = "none") -> tuple[TokenStats, object]:
+        """TokenStats (b, T') of the response tokens of rows `idx` from `forward()` -> (logits, other),
+        a forward through the HF model `model` (lm/head.py: log-probs and entropy chunked through its
+        LM head, without (b, T', V) logits where the model allows)."""
+        P, T, kept = inputs_of
 
-    def _policy_forward(self, r: Experience, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Response logits (b, T', V) and values (b, T') (None without a critic) in ONE forward of the
-        policy with its value head, over rows `idx` trimmed to their longest query and response (T' <= T)."""
+        def response_columns(x: torch.Tensor) -> torch.Tensor:  # (b, k, ...) -> (b, T', ...)
+            return x[:, :T] if kept else response_slice(x, P, T, self.encoder_decoder)
+
+        tokens = r.response_ids[idx, :T]
+        with self.accelerator.autocast():  # the chunked LM head runs after the (prepared) model's forward
+            return read_tokens(model, forward, response_columns, tokens, self.temperature, entropy)
+
+    def _policy_forward(self, r: Experience, idx, entropy: str = "stat") -> tuple[TokenStats, torch.Tensor | None]:
+        """TokenStats (b, T') and values (b, T') (None without a critic) in ONE forward of the policy
+        with its value head, over rows `idx` trimmed to their longest query and response (T' <= T)."""
         inputs, P, T = self._inputs(r, idx, self.policy_keeps_logits)
-        logits, values = self.model(**inputs)
-        values = None if values is None else response_slice(values, P, T, self.encoder_decoder)
-        return self._response_logits(logits, P, T, self.policy_keeps_logits), values
+        stats, values = self._read(self.unwrapped.policy, lambda: self.model(**inputs), r, idx,
+                                   (P, T, self.policy_keeps_logits), entropy)
+        return stats, None if values is None else response_slice(values, P, T, self.encoder_decoder)
 
-    def policy_forward(self, r: Experience, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Response logits (b, T, V) and values (b, T): the update's forward, padded back to the
-        rollout's response width T (positions past the rows' responses hold zeros)."""
-        logits, values = self._policy_forward(r, idx)
-        pad = r.response_ids.shape[1] - logits.shape[1]
-        values = None if values is None else torch.nn.functional.pad(values, (0, pad))
-        return torch.nn.functional.pad(logits, (0, 0, 0, pad)), values
-
-    def reference_logits(self, r: Experience, idx) -> torch.Tensor:
-        """Reference logits (b, T', V), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
+    def reference_logprobs(self, r: Experience, idx) -> torch.Tensor:
+        """Reference log-probs (b, T'), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
         policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
         inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
         if self.reference is not None:
-            logits = self.reference(**inputs, use_cache=False).logits
+            model = self.reference
+
+            def forward():
+                return self.reference(**inputs, use_cache=False).logits, None
         else:
-            policy = self.unwrapped.policy
-            with reference_mode(policy):
-                logits = policy(**inputs, use_cache=False).logits
-        return self._response_logits(logits, P, T, self.reference_keeps_logits)
+            model = self.unwrapped.policy
+
+            def forward():
+                with reference_mode(model):
+                    return model(**inputs, use_cache=False).logits, None
+        stats, _ = self._read(model, forward, r, idx, (P, T, self.reference_keeps_logits))
+        return stats.logprobs
 
     @torch.no_grad()
     def evaluate(self, r: Experience) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -211,21 +220,17 @@ class OnlineTrainer:
             ref_logprobs = []
             for idx in passes(self.forward_batch_size):
                 with self.accelerator.autocast():  # the policy's forward runs under it too (prepared model)
-                    ref = self.reference_logits(r, idx)
-                tokens = r.response_ids[idx, : ref.shape[1]]
-                ref_logprobs.append(full_width(logprobs_from_logits(ref, tokens, self.temperature)))
+                    ref_logprobs.append(full_width(self.reference_logprobs(r, idx)))
             ref_logprobs = torch.cat(ref_logprobs)
         if r.logprobs is not None and (r.values is not None or not critic):
             return r.logprobs, r.values, ref_logprobs
 
         logprobs, values = [], []
         for idx in passes(self.forward_batch_size):
-            logits, v = self._policy_forward(r, idx)
-            tokens = r.response_ids[idx, : logits.shape[1]]
-            logprobs.append(full_width(logprobs_from_logits(logits, tokens, self.temperature)))
+            stats, v = self._policy_forward(r, idx, entropy="none")
+            logprobs.append(full_width(stats.logprobs))
             if critic:
                 values.append(full_width(v.float()))
-            del logits
         return torch.cat(logprobs), (torch.cat(values) if critic else None), ref_logprobs
 
     # ------------------------------------------------------------------ the step

@@ -10,15 +10,16 @@ from collections.abc import Callable
 import torch
 
 from rlhf_cli.config.sections import TrainingConfig
-from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.head import TokenStats
 from rlhf_cli.online.algorithm import Algorithm, MicroBatch
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.training.optimizer_step import optimizer_step
 
 log = logging.getLogger(__name__)
 
-# forward(exp, idx) -> response logits (b, T', V) and values (b, T') or None, trimmed to T' columns
-Forward = Callable[[Experience, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+# forward(exp, idx, entropy) -> TokenStats of the response tokens (b, T') and values (b, T') or None,
+# trimmed to T' columns; entropy is "grad" (in the loss) or "stat" (a statistic, no graph): lm/head.py
+Forward = Callable[[Experience, torch.Tensor, str], tuple[TokenStats, torch.Tensor | None]]
 
 
 class NonFiniteBatch(Exception):
@@ -27,9 +28,9 @@ class NonFiniteBatch(Exception):
 
 
 class Updater:
-    def __init__(self, model, optimizer, scheduler, accelerator, training: TrainingConfig, temperature: float):
+    def __init__(self, model, optimizer, scheduler, accelerator, training: TrainingConfig):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.accelerator, self.training, self.temperature = accelerator, training, temperature
+        self.accelerator, self.training = accelerator, training
         self.nonfinite_skips = 0  # rollouts and optimizer steps skipped for NaN/inf (skip_nonfinite_batches)
         self.fp16_overflow_skips = 0  # optimizer steps the fp16 gradient scaler skipped (not faults)
 
@@ -73,12 +74,10 @@ class Updater:
         and the micro-batch's valid-token count. `tokens`: the mini-batch's valid-token counts (all
         processes' / processes, this process's)."""
         loss_tokens, local_tokens = tokens
-        logits, values = forward(exp, idx)  # trimmed to T' columns: the rest is masked in every row
-        cols = slice(0, logits.shape[1])
-        logprobs = logprobs_from_logits(logits, exp.response_ids[idx, cols], self.temperature)
+        read, values = forward(exp, idx, "grad" if algorithm.entropy_coef else "stat")
+        cols = slice(0, read.logprobs.shape[1])  # T' columns: the rest is masked in every row
         mask = exp.loss_mask[idx, cols]
-        batch = MicroBatch(idx, cols, logits, logprobs, values, mask, loss_tokens, local_tokens, rows,
-                           self.temperature)
+        batch = MicroBatch(idx, cols, read.logprobs, read.entropy, values, mask, loss_tokens, local_tokens, rows)
         loss, stats = algorithm.loss(exp, batch)
         self.accelerator.backward(loss)
         return stats, mask.sum().float()

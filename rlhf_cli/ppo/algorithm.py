@@ -21,6 +21,7 @@ class PPO(Algorithm):
 
     def __init__(self, options: PPOOptions):
         self.options = options
+        self.entropy_coef = options.entropy_coef
         self.uses_critic = options.advantage_estimator == "gae"
         self.num_epochs, self.num_mini_batches = options.num_ppo_epochs, options.num_mini_batches
         self.kl_ctl = make_kl_controller(options.kl_coef, options.adaptive_kl, options.target_kl, options.kl_horizon)
@@ -57,7 +58,7 @@ class PPO(Algorithm):
         old_logprobs = batch.take(exp.old_logprobs)
         pg_loss, pg = policy_loss(batch.logprobs, old_logprobs, batch.take(exp.advantages), mask, o.cliprange,
                                   batch.tokens)
-        bonus, entropy = entropy_term(batch, o.entropy_coef)
+        bonus, entropy = entropy_term(batch, self.entropy_coef)
         stats = {
             "policy/approxkl_avg": pg["approxkl"],
             "policy/clipfrac_avg": pg["clipfrac"],

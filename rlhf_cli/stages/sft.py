@@ -5,7 +5,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_cli.config.schema import SFTConfig, SFTDataConfig
 from rlhf_cli.data.collators import Seq2SeqCollator, SFTCollator, supports_packed_attention
@@ -14,6 +13,7 @@ from rlhf_cli.data.packing import pack_dataset
 from rlhf_cli.data.seq2seq_format import tokenize_seq2seq_dataset
 from rlhf_cli.data.sft_format import detect_format, tokenize_dataset
 from rlhf_cli.errors import UserError
+from rlhf_cli.lm.head import read_tokens
 from rlhf_cli.models.adapters import apply_lora, save_final_model
 from rlhf_cli.models.loading import float32_master_weights, load_model, load_stage_tokenizer, model_options
 from rlhf_cli.models.policy import is_encoder_decoder
@@ -37,17 +37,20 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
 
     Returns (loss (B, T'), correct (B, T') bool, mask (B, T') bool) over `targets(batch)` (T' = T - 1
     for a causal LM, the target length for an encoder-decoder); positions labelled -100 are masked.
+    The loss is read through the LM head in chunks (lm/head.py): no (B, T', V) logits.
     """
     keys = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids")
     inputs = {k: batch[k] for k in keys if k in batch}
     labels = targets(batch)  # (B, T')
-    # (B, T', V): a causal LM's last position predicts nothing; sliced before the float32 copy
-    logits = model(**inputs, use_cache=False).logits[:, : labels.shape[1]].float()
     mask = labels != -100
     safe_labels = labels.masked_fill(~mask, 0)
-    loss = F.cross_entropy(logits.transpose(1, 2), safe_labels, reduction="none") * mask
-    correct = (logits.argmax(-1) == safe_labels) & mask
-    return loss, correct, mask
+
+    def predicting(x: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, T', ...): the last predicts nothing
+        return x[:, : labels.shape[1]]
+
+    stats, _ = read_tokens(model, lambda: (model(**inputs, use_cache=False).logits, None), predicting,
+                           safe_labels, 1.0, top1=True)
+    return -stats.logprobs * mask, stats.top1 & mask, mask
 
 
 class SFTObjective:

@@ -62,8 +62,8 @@ def micro_batch(per_token_mask, logprobs=None, rows=None, tokens=None):
     b, T = mask.shape
     logprobs = torch.zeros(b, T) if logprobs is None else torch.tensor(logprobs)
     n = mask.sum().float()
-    return MicroBatch(torch.arange(b), slice(0, T), torch.zeros(b, T, 5), logprobs, None, mask,
-                      n if tokens is None else torch.tensor(tokens), n, rows or b, 1.0)
+    return MicroBatch(torch.arange(b), slice(0, T), logprobs, torch.zeros(b, T), None, mask,
+                      n if tokens is None else torch.tensor(tokens), n, rows or b)
 
 
 @pytest.mark.parametrize(("loss_type", "expected"), [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_head_in_chunks
 
 from rlhf_cli.config.loader import build_stage
 from rlhf_cli.lm.forward import model_inputs, response_slice
@@ -21,6 +22,8 @@ from rlhf_cli.models.policy import load_policy
 from rlhf_cli.ppo.losses import policy_loss, value_loss
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.training.accel import make_accelerator
+
+pytestmark = pytest.mark.gpu  # also in bench/gpu.sh's GPU subset
 
 PROMPTS = ["I watched The", "My sister and I went to see a film about", "It", "We caught Return to Seville in",
            "The acting", "Honestly, the best part of the whole evening was"]
@@ -66,8 +69,18 @@ def plain_forward(trainer: PPOTrainer, r, rows, model=None):
     return response_slice(out.logits, P, T, enc_dec), response_slice(wrapper.value_head(hidden), P, T, enc_dec)
 
 
+@pytest.fixture(params=["one-chunk", "chunked"])
+def head_chunks(request, monkeypatch):
+    """The LM head read in one piece (these small vocabularies fit one chunk) or 4 positions at a
+    time, checkpointed (lm/head.py): both must equal the plain computation."""
+    if request.param == "chunked":
+        from rlhf_cli.builtin.tokenizer import VOCAB_SIZE
+        read_head_in_chunks(monkeypatch, 4 * VOCAB_SIZE)
+    return request.param
+
+
 @pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
-def test_evaluate_equals_plain_forward(tmp_path, model):
+def test_evaluate_equals_plain_forward(tmp_path, model, head_chunks):
     trainer = make_trainer(tmp_path, model)
     r = ragged_rollout(trainer)
     logprobs, values, ref_logprobs = trainer.evaluate(r)
@@ -91,11 +104,13 @@ def micro_step(trainer, r, idx, old_logprobs, old_values, advantages, returns, t
     return trainer.updater._micro_step(r, idx, trainer.algorithm, trainer._policy_forward, (tokens, tokens), len(idx))
 
 
-@pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
-def test_micro_step_gradients_equal_plain_loss(tmp_path, model):
+@pytest.mark.parametrize(("model", "entropy_coef"), [("builtin:tiny-gpt2", 0.0), ("builtin:tiny-t5", 0.0),
+                                                     ("builtin:tiny-gpt2", 0.3)])
+def test_micro_step_gradients_equal_plain_loss(tmp_path, model, entropy_coef, head_chunks):
     """The trainer's micro-step (trimmed forward, logits only for the response, entropy as a
-    statistic) gives the same loss gradients and statistics as the plain loss with entropy_coef 0."""
-    trainer = make_trainer(tmp_path, model)
+    statistic without a coefficient, in the loss with one) gives the same loss gradients and
+    statistics as the plain loss."""
+    trainer = make_trainer(tmp_path, model, entropy_coef=entropy_coef)
     r = ragged_rollout(trainer)
     old_logprobs, old_values, _ = trainer.evaluate(r)
     g = torch.Generator().manual_seed(1)
@@ -128,7 +143,7 @@ def test_micro_step_gradients_equal_plain_loss(tmp_path, model):
             torch.testing.assert_close(stats[key], expected.detach(), atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_micro_step_with_entropy_bonus_keeps_its_gradient(tmp_path):
+def test_micro_step_with_entropy_bonus_keeps_its_gradient(tmp_path, head_chunks):
     """With entropy_coef > 0 the entropy stays in the loss: the gradient differs from coef 0."""
     grads = []
     for coef in (0.0, 0.5):

@@ -57,9 +57,10 @@ def test_update_logprobs_equal_rollout_logprobs_with_left_padding(tmp_path, mode
     for i in range(len(PROMPTS)):
         real = query_mask[i].bool()
         alone = trainer.rollout_from(query_ids[i : i + 1, real], query_mask[i : i + 1, real], rollout.response_ids[i : i + 1])
-        logits, _ = trainer.policy_forward(alone, slice(0, 1))
-        new = logprobs_from_logits(logits, alone.response_ids, trainer.temperature)[0]
-        assert torch.allclose(new[mask[i]], old_logprobs[i][mask[i]], atol=1e-5)
+        stats, _ = trainer._policy_forward(alone, slice(0, 1))
+        new = stats.logprobs[0]  # (T',): the row's own response length
+        assert torch.allclose(new, old_logprobs[i][mask[i]][: len(new)], atol=1e-5)
+        assert len(new) == int(mask[i].sum())
     # the reference equals the policy before any update
     assert torch.allclose(ref_logprobs[mask], old_logprobs[mask], atol=1e-5)
 
@@ -97,6 +98,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
 def test_bf16_rollout_and_update_share_one_precision(tmp_path, model, fresh_accelerate_state):
     """Under `bf16: true` generation, the reference and the update all run under the same autocast
@@ -112,6 +114,7 @@ def test_bf16_rollout_and_update_share_one_precision(tmp_path, model, fresh_acce
     assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.gpu
 def test_bf16_every_forward_computes_in_bf16_and_values_in_float32(tmp_path, fresh_accelerate_state):
     """The precision policy, checked where it is applied: the policy's layers compute in bf16 while
     sampling and in the update, the reference's in the rollout; the value head in float32 in both."""
