@@ -93,11 +93,9 @@ class OneProcess:
 
     accelerator = None
 
-    def mean(self, x):
-        return x.float().mean().item()
-
-    def total(self, x):
-        return x.float().sum().item()
+    def reduced(self, means, totals=None):
+        return {**{k: v.float().mean().item() for k, v in means.items()},
+                **{k: v.float().sum().item() for k, v in (totals or {}).items()}}
 
     def episodes(self, exp):
         return len(exp)

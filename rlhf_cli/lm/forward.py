@@ -57,8 +57,9 @@ def trim_padding(query_ids, query_mask, response_ids, response_mask):
     hid them); dropping response columns after the longest response drops only masked positions.
     Returns the four tensors trimmed: (b, P') and (b, T') with P' <= P, 1 <= T' <= T.
     """
-    first = int(query_mask.any(0).long().argmax())  # the first column where some row has a real token
-    longest = max(int(response_mask.sum(1).max()), 1)
+    # the first column where some row has a real token, and the longest response: one host sync for both
+    first, longest = torch.stack([query_mask.any(0).long().argmax(), response_mask.sum(1).max()]).tolist()
+    longest = max(longest, 1)
     return query_ids[:, first:], query_mask[:, first:], response_ids[:, :longest], response_mask[:, :longest]
 
 

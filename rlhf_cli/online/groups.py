@@ -71,21 +71,23 @@ class GroupAlgorithm(Algorithm):
         exp.advantages = advantages[:, None].expand_as(exp.response_ids).float()  # (B, T)
         lengths = exp.response_mask.sum(1).float()
         all_lengths = ctx.accelerator.gather(lengths)
-        stats = {
-            "reward": ctx.mean(exp.scores),
-            "reward_std": ctx.mean(group_std),
-            "frac_reward_zero_std": ctx.mean(torch.isclose(group_std, torch.zeros_like(group_std)).float()),
-            "advantages/mean_abs": ctx.mean(advantages.abs()),
-            "completions/mean_length": ctx.mean(lengths),
-            "completions/min_length": all_lengths.min().item(),
-            "completions/max_length": all_lengths.max().item(),
-            "completions/clipped_ratio": ctx.mean((~exp.stopped).float()),
+        means = {
+            "reward": exp.scores,
+            "reward_std": group_std,
+            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)),
+            "advantages/mean_abs": advantages.abs(),
+            "completions/mean_length": lengths,
+            "completions/clipped_ratio": ~exp.stopped,
         }
+        totals = {}
         if exp.ref_logprobs is not None:  # the KL of the sampled responses, per token (k1: its unbiased estimate)
-            kl = (exp.old_logprobs - exp.ref_logprobs).masked_fill(~exp.loss_mask, 0.0)
-            tokens = ctx.total(exp.loss_mask)
-            stats["kl"] = ctx.total(kl) / max(tokens, 1.0)
-        return stats
+            totals = {"kl": (exp.old_logprobs - exp.ref_logprobs).masked_fill(~exp.loss_mask, 0.0),
+                      "tokens": exp.loss_mask}
+        stats = ctx.reduced(means, totals)
+        if totals:
+            stats["kl"] /= max(stats.pop("tokens"), 1.0)
+        extremes = torch.stack([all_lengths.min(), all_lengths.max()]).tolist()
+        return {**stats, "completions/min_length": extremes[0], "completions/max_length": extremes[1]}
 
     def loss(self, exp, batch: MicroBatch):
         mask = batch.mask

@@ -298,12 +298,16 @@ class OnlineTrainer:
 
     # helpers the algorithms use (their `ctx`)
 
-    def mean(self, x: torch.Tensor) -> float:
-        """Mean over this process's rows, averaged over processes."""
-        return self.accelerator.reduce(x.float().mean(), "mean").item()
-
-    def total(self, x: torch.Tensor) -> float:
-        return float(self.accelerator.reduce(x.float().sum(), "sum").item())
+    def reduced(self, means: dict[str, torch.Tensor], totals: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Statistics of every process in ONE all-reduce and one host sync (not one per statistic):
+        `means` -> each tensor's mean over this process's rows, averaged over processes; `totals` ->
+        each tensor's sum over every process."""
+        totals = totals or {}
+        local = torch.stack([v.float().mean() for v in means.values()] + [v.float().sum() for v in totals.values()])
+        values = self.accelerator.reduce(local.to(self.accelerator.device), "mean").tolist()
+        processes = self.accelerator.num_processes
+        return {**dict(zip(means, values[: len(means)], strict=True)),
+                **{k: v * processes for k, v in zip(totals, values[len(means):], strict=True)}}
 
     def episodes(self, exp: Experience) -> int:
         return len(exp) * self.accelerator.num_processes

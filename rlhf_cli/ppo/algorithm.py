@@ -42,16 +42,15 @@ class PPO(Algorithm):
         else:  # REINFORCE++: sum_l gamma^l r_{t+l}, i.e. GAE with V = 0 and lambda = 1, whitened globally
             returns, _ = gae(rewards, torch.zeros_like(rewards), mask, o.gamma, 1.0)
             exp.advantages = batch_whiten(returns, mask, ctx)
-        return {
-            "objective/kl": ctx.mean(kl.sum(1)),
-            "objective/entropy": ctx.mean((-exp.old_logprobs).masked_fill(~mask, 0.0).sum(1)),
-            "objective/non_score_reward": ctx.mean(non_score.sum(1)),
-            "objective/rlhf_reward": ctx.mean(non_score.sum(1) + scores),
-            "objective/scores": ctx.mean(exp.scores),
-            "objective/kl_coef": kl_coef,
-            "val/num_eos_tokens": ctx.total(exp.stopped),
-            "val/response_length": ctx.mean(mask.sum(1).float()),
-        }
+        stats = ctx.reduced(means={
+            "objective/kl": kl.sum(1),
+            "objective/entropy": (-exp.old_logprobs).masked_fill(~mask, 0.0).sum(1),
+            "objective/non_score_reward": non_score.sum(1),
+            "objective/rlhf_reward": non_score.sum(1) + scores,
+            "objective/scores": exp.scores,
+            "val/response_length": mask.sum(1),
+        }, totals={"val/num_eos_tokens": exp.stopped})
+        return {**stats, "objective/kl_coef": kl_coef}
 
     def loss(self, exp, batch: MicroBatch):
         o, mask = self.options, batch.mask
