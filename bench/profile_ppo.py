@@ -3,7 +3,7 @@
     python bench/profile_ppo.py [--iterations 3] [--threads 1] [--rows 25]
 
 Wraps the trainer's phases in torch.profiler.record_function labels (generate, score, evaluate,
-policy_forward, reference_logits, update, micro_step) and prints the phase totals and the top
+policy_forward, reference_logprobs, update, micro_step) and prints the phase totals and the top
 operators by self CPU time, for every iteration after the first (warm-up).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from pathlib import Path
 
 import torch
 from ppo import POLICY, REWARD_MODEL, prepare_models
@@ -50,22 +51,23 @@ def main() -> None:
         "ppo": {"total_episodes": a.batch_size * a.iterations, "num_mini_batches": 2, "num_ppo_epochs": 4,
                 "kl_coef": 0.05, "missing_eos_penalty": 1.0},
     })
-    accelerator = make_accelerator(config.training, None)
+    accelerator = make_accelerator(config.training, Path(config.training.output_dir))
     tokenizer = load_tokenizer(str(POLICY), padding_side="left")
     model, reference = load_policy(config.model, config.peft, 42)
     trainer = PPOTrainer(config, model, tokenizer, accelerator, reference)
     scorer = CombinedReward(config.reward, accelerator.device)
     ids, _ = prepare_prompts(load_splits(config.data)[0], tokenizer, config, "train")
 
-    for name in ("evaluate", "policy_forward", "reference_logits", "_update", "_micro_step"):
-        method = getattr(trainer, name)
+    for owner, name in ((trainer, "evaluate"), (trainer, "_policy_forward"), (trainer, "reference_logprobs"),
+                        (trainer.updater, "update"), (trainer.updater, "_micro_step")):
+        method = getattr(owner, name)
 
         @functools.wraps(method)
         def labelled(*args, _m=method, _n=name, **kwargs):
             with record_function(_n.strip("_")):
                 return _m(*args, **kwargs)
 
-        setattr(trainer, name, labelled)
+        setattr(owner, name, labelled)
 
     def iteration(i: int) -> None:
         q, m = left_pad(ids[i * a.batch_size : (i + 1) * a.batch_size], tokenizer.pad_token_id)
@@ -82,7 +84,7 @@ def main() -> None:
             iteration(i)
         wall = (time.perf_counter() - started) / (a.iterations - 1)
     events = prof.key_averages()
-    phases = ["generate", "score", "evaluate", "policy_forward", "reference_logits", "update", "micro_step"]
+    phases = ["generate", "score", "evaluate", "policy_forward", "reference_logprobs", "update", "micro_step"]
     n = a.iterations - 1
     print(f"wall s/iteration: {wall:.3f}")
     for e in events:
