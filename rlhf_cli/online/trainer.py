@@ -12,6 +12,7 @@ Shapes: B rollout rows on this process, P query tokens (left-padded), T response
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -186,17 +187,12 @@ class OnlineTrainer:
         """Reference log-probs (b, T'), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
         policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
         inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
-        if self.reference is not None:
-            model = self.reference
+        model = self.reference if self.reference is not None else self.unwrapped.policy
 
-            def forward():
-                return self.reference(**inputs, use_cache=False).logits, None
-        else:
-            model = self.unwrapped.policy
+        def forward():  # (a fresh context each call: read_tokens may run the forward twice)
+            with reference_mode(model) if self.reference is None else contextlib.nullcontext():
+                return model(**inputs, use_cache=False).logits, None
 
-            def forward():
-                with reference_mode(model):
-                    return model(**inputs, use_cache=False).logits, None
         stats, _ = self._read(model, forward, r, idx, (P, T, self.reference_keeps_logits))
         return stats.logprobs
 
@@ -218,9 +214,8 @@ class OnlineTrainer:
         ref_logprobs = None
         if self.algorithm.uses_reference:
             ref_logprobs = []
-            for idx in passes(self.forward_batch_size):
-                with self.accelerator.autocast():  # the policy's forward runs under it too (prepared model)
-                    ref_logprobs.append(full_width(self.reference_logprobs(r, idx)))
+            for idx in passes(self.forward_batch_size):  # (under the run's autocast: _read)
+                ref_logprobs.append(full_width(self.reference_logprobs(r, idx)))
             ref_logprobs = torch.cat(ref_logprobs)
         if r.logprobs is not None and (r.values is not None or not critic):
             return r.logprobs, r.values, ref_logprobs
