@@ -42,9 +42,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +52,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rlhf_cli.builtin import shapes
+from rlhf_cli.builtin.cache import cache_root, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +297,7 @@ def _train_unet(components: dict, pixels: torch.Tensor, texts: list[str], recipe
 
 def cache_folder(seed: int = 0, recipe: Recipe = RECIPE) -> Path:
     """Where the pipeline for ``seed`` and ``recipe`` is cached (it may not exist yet)."""
-    root = Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf").expanduser()
-    return root / "builtin" / "pipelines" / f"{NAME}-seed{seed}-{_recipe_hash(recipe)}"
+    return cache_root() / "pipelines" / f"{NAME}-seed{seed}-{_recipe_hash(recipe)}"
 
 
 def _recipe_hash(recipe: Recipe) -> str:
@@ -338,17 +335,7 @@ def load_pipeline(folder: str | Path) -> StableDiffusionPipeline:
 
 
 def _save_atomically(pipe: StableDiffusionPipeline, folder: Path) -> None:
-    """Write into a temporary sibling folder, then rename: readers never see half a pipeline."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        os.rename(tmp, folder)
-    except OSError:
-        if not (folder / "model_index.json").is_file():  # another process winning the race is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_atomically(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), "model_index.json")
 
 
 def sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, num_inference_steps: int = 10,

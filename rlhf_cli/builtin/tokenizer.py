@@ -21,14 +21,13 @@ import functools
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from rlhf_cli.builtin.cache import cache_root, write_atomically
 
 VOCAB_SIZE = 4096
 MODEL_MAX_LENGTH = 512
@@ -140,8 +139,7 @@ def builtin_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
 
 def cache_dir() -> Path:
     """Folder of the trained tokenizer for the current recipe and corpus."""
-    root = Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf").expanduser()
-    return root / "builtin" / f"tokenizer-{_version_hash()}"
+    return cache_root() / f"tokenizer-{_version_hash()}"
 
 
 def _cached_backend() -> Tokenizer:
@@ -155,22 +153,9 @@ def _load_or_train(folder: Path) -> Tokenizer:
     if not path.is_file():
         from rlhf_cli.builtin.corpus import training_text
 
-        _write_atomically(folder, train_tokenizer(training_text()))
+        backend = train_tokenizer(training_text())
+        write_atomically(folder, lambda tmp: backend.save(str(tmp / "tokenizer.json")), "tokenizer.json")
     return Tokenizer.from_file(str(path))
-
-
-def _write_atomically(folder: Path, backend: Tokenizer) -> None:
-    """Write into a temporary sibling folder, then rename: readers never see half a tokenizer."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        backend.save(str(tmp / "tokenizer.json"))
-        os.rename(tmp, folder)
-    except OSError:
-        if not (folder / "tokenizer.json").is_file():  # another process winning the race is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _version_hash() -> str:

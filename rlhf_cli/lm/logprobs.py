@@ -8,7 +8,8 @@ policies of the ratio are different distributions even before any update.
 Logits may be bf16/fp16; the softmax is computed in float32. Memory: the logits are converted to
 float32 once and divided by the temperature in place on that copy (not a float copy plus a scaled
 copy), and log-probabilities are gathered before normalising, so no full (B, T, V) log-softmax is
-kept. For large vocabularies, callers can run these functions on micro-batches of rows.
+kept. Callers read them through lm/head.py, which feeds these functions a chunk of positions at a
+time for large vocabularies.
 """
 
 import torch
