@@ -1,6 +1,7 @@
 """Built-in datasets of the offline world, generated on the fly from the review grammar.
 
-(``arithmetic``, short sums with exact answers for GRPO/RLOO, comes from ``arithmetic.py`` and
+(``shape-prompts``, the text-to-image prompts of the shapes world for ``rlhf ddpo``, holds out what
+``shapes.py`` holds out: four colour/shape pairs in every background. ``arithmetic``, short sums with exact answers for GRPO/RLOO, comes from ``arithmetic.py`` and
 follows the same rules: its prompts are held out by the same hash. ``tool-arithmetic`` and
 ``tool-arithmetic-demos``, word problems for RL with the calculator and SFT demonstrations of the tool
 protocol, come from ``tool_world.py``; a test row has both its prompt and its expression on the held-out
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator
 
 from datasets import Dataset, DatasetDict, Features, List, Value
 
-from rlhf_cli.builtin import arithmetic, corpus, tool_world
+from rlhf_cli.builtin import arithmetic, corpus, shapes, tool_world
 from rlhf_cli.builtin.sentiment import sentiment_scores
 from rlhf_cli.errors import UserError
 
@@ -52,6 +53,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "tool-arithmetic-chat": "the word problems for chat models: prompt (one user message), answer, expression",
     "tool-arithmetic-chat-demos": "chat episodes with calculator tool calls for SFT: messages, answer, expression, "
                                   "mistake, tools (the calculator's JSON schema)",
+    "shape-prompts": "text-to-image prompts of the shapes world ('a red circle on a white background'): prompt, "
+                     "colour, shape, background; test: the 12 prompts of its held-out colour/shape pairs",
 }
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "reviews": (20_000, 1_000),
@@ -63,6 +66,7 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "tool-arithmetic-demos": (4_000, 200),
     "tool-arithmetic-chat": (4_000, 200),
     "tool-arithmetic-chat-demos": (4_000, 200),
+    "shape-prompts": (42, 12),  # all of them: shapes.py has 42 training and 12 held-out prompts
 }
 MIN_PREFERENCE_GAP = 0.2
 HELD_OUT_PERCENT = 10
@@ -110,6 +114,7 @@ _FEATURES = {
     "tool-arithmetic-demos": Features(
         {"prompt": _STRING, "completion": _STRING, "answer": _STRING, "expression": _STRING, "mistake": _STRING}
     ),
+    "shape-prompts": Features({"prompt": _STRING, "colour": _STRING, "shape": _STRING, "background": _STRING}),
     "tool-arithmetic-chat": Features({"prompt": _MESSAGES, "answer": _STRING, "expression": _STRING}),
     # "tools" is added when first needed (`_features`): its feature is read off the calculator's schema
     "tool-arithmetic-chat-demos": Features(
@@ -238,6 +243,15 @@ def _chat_demo_rows(rng: random.Random, test: bool) -> Iterator[Row]:
         yield tool_world.chat_demonstration(rng, row, schema)
 
 
+def _shape_prompt_rows(rng: random.Random, test: bool) -> Iterator[Row]:
+    # the shapes world holds its own colour/shape pairs out (shapes.HELD_OUT_PAIRS), not the CRC32 tenth
+    split = shapes.prompts("test" if test else "train")
+    rng.shuffle(split)
+    for prompt in split:
+        colour, shape, background = shapes.parse_prompt(prompt)
+        yield {"prompt": prompt, "colour": colour, "shape": shape, "background": background}
+
+
 _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[[Row], object]]] = {
     # name: (row generator, the part of a row that must be unique within a split)
     "reviews": (_review_rows, lambda row: row["text"]),
@@ -249,6 +263,7 @@ _ROWS: dict[str, tuple[Callable[[random.Random, bool], Iterator[Row]], Callable[
     "tool-arithmetic-demos": (_tool_demo_rows, lambda row: row["expression"]),
     "tool-arithmetic-chat": (_chat_problem_rows, lambda row: row["expression"]),
     "tool-arithmetic-chat-demos": (_chat_demo_rows, lambda row: row["expression"]),
+    "shape-prompts": (_shape_prompt_rows, lambda row: row["prompt"]),
 }
 
 
@@ -273,6 +288,8 @@ def _split(name: str, seed: int, split: str, size: int) -> Dataset:
         rows.append(row)
         if len(rows) == size:
             break
+    if len(rows) < size:  # a finite world (shape-prompts) ran out of distinct rows
+        raise UserError(f"built-in dataset {name!r} has {len(rows)} distinct {split} rows; asked for {size}")
     if name == "reviews":
         scores = sentiment_scores([row["text"] for row in rows])
         rows = [row | {"sentiment": score} for row, score in zip(rows, scores, strict=True)]

@@ -314,9 +314,10 @@ def build_tiny_pipeline(seed: int = 0, cache: bool = True, recipe: Recipe = RECI
     if cache and (folder / "model_index.json").is_file():
         return load_pipeline(folder)
     pipe = train_pipeline(seed, recipe)
-    if cache:
-        _save_atomically(pipe, folder)
-    return pipe
+    if not cache:
+        return pipe
+    _save_atomically(pipe, folder)
+    return load_pipeline(folder)  # what every later run loads: the first run must not differ from them
 
 
 def tiny_pipeline_folder(seed: int = 0, recipe: Recipe = RECIPE) -> Path:
