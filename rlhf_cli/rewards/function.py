@@ -20,13 +20,18 @@ BUILTIN_FUNCTIONS = {
 }
 
 
-def import_callable(spec: str, key: str = "reward.function") -> Callable:
-    """Import exactly the `module:callable` named in the config (nothing else is ever imported)."""
+def import_callable(spec: str, key: str = "reward.function", builtins: dict | None = None) -> Callable:
+    """Import exactly the `module:callable` named in the config (nothing else is ever imported).
+
+    `builtins` maps `builtin:` names to (module, attribute); the text rewards' table by default, so
+    another kind of reward (images) can resolve its own built-ins with the same rules.
+    """
+    table = BUILTIN_FUNCTIONS if builtins is None else builtins
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
-        if name not in BUILTIN_FUNCTIONS:
-            raise UserError(f"{key}: unknown built-in {spec!r}; choose one of: {', '.join('builtin:' + n for n in BUILTIN_FUNCTIONS)}.")
-        module_name, attr = BUILTIN_FUNCTIONS[name]
+        if name not in table:
+            raise UserError(f"{key}: unknown built-in {spec!r}; choose one of: {', '.join('builtin:' + n for n in table)}.")
+        module_name, attr = table[name]
     else:
         module_name, _, attr = spec.partition(":")
     try:
