@@ -23,8 +23,9 @@ def test_stage_help_shows_config_keys_with_their_help(cli, stage):
     assert result.returncode == 0
     assert "--set KEY=VALUE" in result.stdout and "--resume" in result.stdout
     assert "--allow-config-change" in result.stdout
-    assert "Dtype the weights are loaded in" in result.stdout or stage == "eval"
-    assert "Sampling temperature" in result.stdout or stage in ("sft", "reward", "dpo")
+    assert "Dtype the weights are loaded in" in result.stdout or stage in ("eval", "ddpo")
+    assert "Sampling temperature" in result.stdout or stage in ("sft", "reward", "dpo", "ddpo")
+    assert "DDIM eta" in result.stdout or stage != "ddpo"
     assert "beta" in result.stdout or stage != "dpo"
 
 

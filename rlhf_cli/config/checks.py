@@ -107,6 +107,47 @@ def check_dpo(config: Any) -> None:
         )
 
 
+# TrainingConfig keys that DDPO's own keys replace (TRL's DDPOConfig names): a value set there would do nothing
+DDPO_REPLACED = {
+    "per_device_train_batch_size": "ddpo.train_batch_size (and ddpo.sample_batch_size)",
+    "gradient_accumulation_steps": "ddpo.train_gradient_accumulation_steps",
+    "num_train_epochs": "ddpo.num_epochs",
+    "max_steps": "ddpo.num_epochs",
+}
+
+
+def check_ddpo(config: Any) -> None:
+    """Batches that split into whole micro-batches and optimizer steps, and no key that would be ignored."""
+    ddpo, defaults = config.ddpo, TrainingConfig()
+    for key, instead in DDPO_REPLACED.items():
+        if getattr(config.training, key) != getattr(defaults, key):
+            raise UserError(f"training.{key} does not apply to rlhf ddpo; use {instead}.")
+    if ddpo.sample_eta == 0:
+        raise UserError("ddpo.sample_eta: 0 makes DDIM deterministic, and DDPO needs a stochastic sampler (each "
+                        "denoising step's log-probability is what it trains); use a value in (0, 1], e.g. 1.0.")
+    if ddpo.sample_batch_size % ddpo.train_batch_size:
+        raise UserError(
+            f"ddpo.train_batch_size ({ddpo.train_batch_size}) does not divide ddpo.sample_batch_size "
+            f"({ddpo.sample_batch_size}); each sampled batch must split into whole training micro-batches."
+        )
+    micro_batches = ddpo.sample_batch_size * ddpo.sample_num_batches_per_epoch // ddpo.train_batch_size
+    if micro_batches % ddpo.train_gradient_accumulation_steps:
+        raise UserError(
+            f"ddpo.train_gradient_accumulation_steps ({ddpo.train_gradient_accumulation_steps}) does not divide the "
+            f"{micro_batches} training micro-batches of an epoch (sample_batch_size x sample_num_batches_per_epoch / "
+            "train_batch_size); every optimizer step must have all its micro-batches."
+        )
+    if ddpo.per_prompt_stat_tracking and ddpo.per_prompt_stat_tracking_min_count > ddpo.per_prompt_stat_tracking_buffer_size:
+        raise UserError(
+            f"ddpo.per_prompt_stat_tracking_min_count ({ddpo.per_prompt_stat_tracking_min_count}) is larger than "
+            f"ddpo.per_prompt_stat_tracking_buffer_size ({ddpo.per_prompt_stat_tracking_buffer_size}): a prompt's "
+            "own statistics would never be used."
+        )
+    from rlhf_cli.diffusion.rewards import source_specs
+
+    source_specs(config.reward, "reward")  # exactly one way of giving the rewards, each a callable's name
+
+
 def check_generation(gen: GenerationConfig) -> None:
     if gen.min_response_length > gen.response_length:
         raise UserError(
@@ -160,6 +201,8 @@ def check_stage(stage: str, config: Any) -> None:
                             "token, so it cannot be null; use eos or the chat template's end-of-turn token.")
     if stage == "dpo":
         check_dpo(config)
+    if stage == "ddpo":
+        check_ddpo(config)
     opening = getattr(getattr(config, "data", None), "prompt_opening_tokens", None)
     if opening is not None and (len(opening) != 2 or opening[0] > opening[1]):
         raise UserError(f"data.prompt_opening_tokens: expected [min, max] with min <= max, got {opening}.")

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_cli.config.diffusion import DDPOConfig
 from rlhf_cli.config.fields import option, section
 from rlhf_cli.config.sections import (
     AlarmOptions,
@@ -395,6 +396,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "GRPO against a reward: group-normalised advantages over several responses per prompt, no critic."),
     Stage("rloo", RLOOConfig,
           "RLOO against a reward: a leave-one-out baseline over several responses per prompt, no critic."),
+    Stage("ddpo", DDPOConfig,
+          "DDPO: train a text-to-image diffusion pipeline (its UNet, or LoRA on it) against an image reward."),
     Stage("eval", EvalConfig, "Score, compare and plot models and checkpoints.", output_dir_key="eval.output_dir",
           one_process=True),
 )}

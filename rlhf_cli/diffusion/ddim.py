@@ -90,8 +90,8 @@ def ddim_step(
     keeps the ratio's scale independent of the latent size. It is computed in float32 (late in the
     chain sigma_t is small and the log-densities are large, while the ratio needs their difference to
     ~1e-4; half precision rounds that away), and from prev_sample after it is cast to the sample's
-    dtype, so that re-scoring the stored latent with unchanged weights gives exactly the same number
-    (ratio 1).
+    dtype, so that re-scoring the stored latent with unchanged weights gives the same number (ratio 1;
+    to the last bit when the model output is computed in the same batch shape).
     """
     _check_config(scheduler, eta)
     config = scheduler.config

@@ -77,14 +77,32 @@ def decode(pipe, latents: Tensor) -> Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def step_log_probs(pipe, traj: Trajectory, rows: Tensor, steps: Tensor, eta: float, guidance_scale: float) -> Tensor:
+def step_log_probs(pipe, traj: Trajectory, rows: Tensor, steps: Tensor, eta: float, guidance_scale: float,
+                   unet=None) -> Tensor:
     """The current denoiser's log p(x_{t-1} | x_t) of recorded steps: row rows[i]'s step steps[i],
     (n,) each -> (n,) float32, with grad through the UNet. With unchanged weights it equals
-    traj.log_probs[rows, steps] exactly: the importance ratio of DDPO's first update is 1."""
-    scheduler = pipe.scheduler
+    traj.log_probs[rows, steps]: the importance ratio of DDPO's first update is 1 (exactly for the same
+    batch; CPU kernels that block by batch size can differ in the last bits, ~1e-7, for another).
+
+    `unet`: the denoiser to call (the training wrapper of pipe.unet under data parallelism); default
+    pipe.unet. Guidance applies when the trajectory has negative embeddings and guidance_scale > 1;
+    a guidance_scale of 1 scores with the conditional output alone (TRL's train_cfg: false)."""
     timesteps = traj.timesteps.to(steps.device)[steps]
     x_t, x_prev = traj.latents[rows, steps], traj.latents[rows, steps + 1]
-    negative = traj.negative_embeds[rows] if traj.negative_embeds is not None else None
-    noise = guided_noise(pipe.unet, x_t, timesteps, traj.prompt_embeds[rows], negative, guidance_scale)
-    _, log_prob = ddim_step(scheduler, noise, timesteps, x_t, eta, prev_sample=x_prev)
+    guided = traj.negative_embeds is not None and guidance_scale > 1.0
+    negative = traj.negative_embeds[rows] if guided else None
+    noise = guided_noise(unet if unet is not None else pipe.unet, x_t, timesteps, traj.prompt_embeds[rows], negative,
+                         guidance_scale)
+    _, log_prob = ddim_step(pipe.scheduler, noise, timesteps, x_t, eta, prev_sample=x_prev)
     return log_prob
+
+
+def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    """Several sampled batches (same steps and guidance) as one trajectory of all their rows."""
+    first = parts[0]
+    negative = None if first.negative_embeds is None else torch.cat([p.negative_embeds for p in parts])
+    return Trajectory(
+        [prompt for p in parts for prompt in p.prompts], torch.cat([p.prompt_embeds for p in parts]), negative,
+        first.timesteps, torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]),
+        torch.cat([p.images for p in parts]),
+    )

@@ -179,7 +179,7 @@ def torch_file_problem(path: Path) -> str | None:
 
 def _weights_files(model_dir: Path) -> list[Path] | str:
     """The weights files of a checkpoint's model folder, or what is missing."""
-    for name in ("adapter_model.safetensors", "model.safetensors"):
+    for name in ("adapter_model.safetensors", "model.safetensors", "diffusion_pytorch_model.safetensors"):
         if (model_dir / name).is_file():
             return [model_dir / name]
     index = model_dir / "model.safetensors.index.json"
@@ -192,7 +192,7 @@ def _weights_files(model_dir: Path) -> list[Path] | str:
         if missing:
             return f"{model_dir / missing[0]} is missing (listed in {index.name})"
         return [model_dir / s for s in shards]
-    return f"{model_dir} holds no weights (no adapter_model.safetensors or model.safetensors)"
+    return f"{model_dir} holds no weights (no adapter_model.safetensors, model.safetensors or diffusion_pytorch_model.safetensors)"
 
 
 def checkpoint_problem(path: Path, required: tuple[str, ...] = ()) -> str | None:

@@ -141,6 +141,8 @@ def test_resolved_config_round_trip(tmp_path, write_yaml, stage):
         "dpo": "data:\n  max_prompt_length: 32\ndpo:\n  beta: 0.2\n  loss_type: ipo\n",
         "grpo": PPO_MIN + "grpo:\n  num_generations: 4\n  epsilon_high: 0.28\n  loss_type: dr_grpo\n",
         "rloo": PPO_MIN + "rloo:\n  beta: 0.0\n  kl_in_reward: false\n",
+        "ddpo": "reward:\n  sources: [builtin:alignment, {function: builtin:jpeg_compressibility, weight: 0.5}]\n"
+                "peft:\n  lora_target_modules: [to_q]\nddpo:\n  train_timesteps_per_call: null\n  grid_seeds: [3]\n",
     }[stage]
     cfg = load_config(stage, write_yaml("c.yaml", text), ["data.max_length=77"])
     dump_config(stage, cfg, tmp_path / "resolved.yaml")

@@ -3,8 +3,8 @@ pipeline's own, and re-scoring recorded steps with unchanged weights gives the r
 
 import pytest
 import torch
+from image_pipelines import untrained_pipeline
 
-from rlhf_cli.builtin.image_pipeline import assemble, build_components
 from rlhf_cli.diffusion.sampling import sample_trajectories, step_log_probs
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background", "a green triangle"]
@@ -12,15 +12,7 @@ PROMPTS = ["a red circle on a white background", "a blue square on a black backg
 
 @pytest.fixture(scope="module")
 def pipe():
-    """Untrained (the maths needs no good model), but with the residual branches that the built-in
-    starts at zero given random weights: the prompt then changes the UNet's output, so guidance matters."""
-    components = build_components(seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in components["unet"].parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return assemble(components)
+    return untrained_pipeline()
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
