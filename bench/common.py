@@ -22,7 +22,9 @@ ROOT = BENCH.parent
 WORK = BENCH / ".work"  # models and runs made by the benchmarks (ignored by git)
 OURS_PY = sys.executable
 REUSE = False  # --reuse-results: a run whose result file exists (same spec) is read, not run again
-PEERS = {"trl-ppo": BENCH / ".venv-trl-ppo" / "bin" / "python", "trl": BENCH / ".venv-trl" / "bin" / "python"}
+PEERS = {"trl-ppo": BENCH / ".venv-trl-ppo" / "bin" / "python", "trl": BENCH / ".venv-trl" / "bin" / "python",
+         # bench/ddpo.py's peer (trl 0.23, transformers 4.x): made by setup_ddpo_peer.sh, not setup_peers.sh
+         "trl-ddpo": BENCH / ".venv-trl-ddpo" / "bin" / "python"}
 
 
 def peer_python(name: str) -> str:
