@@ -98,3 +98,27 @@ def test_chunked_head_peak_memory_does_not_grow_with_the_batch_of_logits():
     plain = peak(lambda h: stats_from_logits(head(h), tokens, 0.7, "grad"))
     chunked = peak(lambda h: chunked_stats(head, h, tokens, 0.7, "grad"))
     assert chunked < 0.2 * plain, (chunked / 2**20, plain / 2**20)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_ddpo_epoch_on_cuda(precision):
+    """DDPO's sampling and update on CUDA tensors (the update indexes device latents with CPU indices and
+    hands the UNet its timesteps on its own device), in fp32 and under bf16 autocast."""
+    from accelerate import Accelerator
+    from image_pipelines import untrained_pipeline
+
+    from rlhf_cli.config.diffusion import DDPOOptions, UNetPeftConfig
+    from rlhf_cli.config.sections import TrainingConfig
+    from rlhf_cli.diffusion.policy import trainable_unet
+    from rlhf_cli.diffusion.trainer import DDPOTrainer
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    pipe = untrained_pipeline().to("cuda")
+    options = DDPOOptions(sample_num_steps=4, sample_guidance_scale=3.0, sample_batch_size=4,
+                          sample_num_batches_per_epoch=2, train_batch_size=2, train_timesteps_per_call=None)
+    trainer = DDPOTrainer(pipe, trainable_unet(pipe, UNetPeftConfig(use_peft=True)), options,
+                          TrainingConfig(learning_rate=1e-3), Accelerator(mixed_precision=precision))
+    traj, rows = trainer.sample_epoch(["a red circle", "a blue square"], epoch=0)
+    assert traj.latents.is_cuda and torch.isfinite(traj.log_probs).all()
+    stats = trainer.update(traj, torch.linspace(-1, 1, 8), epoch=1)
+    assert all(math.isfinite(v) for v in stats.values()) and trainer.global_step == 4

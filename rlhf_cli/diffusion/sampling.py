@@ -87,8 +87,8 @@ def step_log_probs(pipe, traj: Trajectory, rows: Tensor, steps: Tensor, eta: flo
     `unet`: the denoiser to call (the training wrapper of pipe.unet under data parallelism); default
     pipe.unet. Guidance applies when the trajectory has negative embeddings and guidance_scale > 1;
     a guidance_scale of 1 scores with the conditional output alone (TRL's train_cfg: false)."""
-    timesteps = traj.timesteps.to(steps.device)[steps]
     x_t, x_prev = traj.latents[rows, steps], traj.latents[rows, steps + 1]
+    timesteps = traj.timesteps.to(steps.device)[steps].to(x_t.device)  # the UNet embeds them on its own device
     guided = traj.negative_embeds is not None and guidance_scale > 1.0
     negative = traj.negative_embeds[rows] if guided else None
     noise = guided_noise(unet if unet is not None else pipe.unet, x_t, timesteps, traj.prompt_embeds[rows], negative,
