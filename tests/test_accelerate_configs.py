@@ -27,6 +27,7 @@ def test_launch_config_loads(path):
     assert config.num_processes >= 1
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CPU_LAUNCHES))
 def test_accelerate_launch_starts_the_processes_the_config_says(name, tmp_path):

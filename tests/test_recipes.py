@@ -316,6 +316,7 @@ def test_validate_and_dry_run_on_a_recipe(cli, tiny_recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_run_every_stage_data_parallel(tiny_recipe, tmp_path):
     """Under torchrun the process group lives across the stages; each stage gets a fresh Accelerator."""

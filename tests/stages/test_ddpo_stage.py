@@ -208,6 +208,7 @@ def test_the_stable_diffusion_config_runs_with_the_builtin_twins(cli, tmp_path, 
     assert [r["optimizer_steps"] for r in read_metrics(out) if "loss" in r] == [1]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_two_cpu_processes_share_the_images_and_end_with_identical_weights(tmp_path, use_peft):
     path = config(tmp_path, peft={"use_peft": use_peft}, ddpo={"per_prompt_stat_tracking": True,

@@ -185,6 +185,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path):
     assert same_weights(out, ref)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     config = dpo_config(tmp_path, write_pairs(tmp_path / "pairs.jsonl"), training={"max_steps": 3})

@@ -139,6 +139,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path, stage):
     assert same_weights(out, ref)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, stage):

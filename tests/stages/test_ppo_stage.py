@@ -252,6 +252,7 @@ def test_resume_continues_the_same_curve(cli, tmp_path, write_yaml):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, write_yaml):
     config = write_yaml("ppo.yaml", ppo_config(tmp_path / "out"))

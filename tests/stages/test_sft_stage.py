@@ -339,6 +339,7 @@ def test_a_run_stopped_at_a_checkpoint_and_resumed_ends_exactly_like_an_uninterr
 # --- many processes, precision -------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_cpu_processes_train_data_parallel_and_end_with_identical_weights(data_dir, tmp_path):
     data = {"dataset_name": str(data_dir / "reviews"), "dataset_format": "text"}

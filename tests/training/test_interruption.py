@@ -286,6 +286,7 @@ def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker with LOCAL_RANK={rank} under pid {launcher.pid}")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_process_sft_sigterm_to_one_worker_stops_both_and_resumes(tmp_path, text_file):
     """SIGTERM to rank 1 only: the ranks agree to stop after the same step (no hang), one complete
