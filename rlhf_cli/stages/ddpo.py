@@ -196,7 +196,9 @@ def held_out_scores(pipe, prompts: Prompts, reward, options, training, accelerat
         total, parts = reward(traj.images.float().cpu(), texts, [prompts.metadata[i] for i, _ in chunk])
         for name, values in {"reward_mean": total, **{f"reward/{n}": v for n, v in parts.items()}}.items():
             sums[name] = sums.get(name, 0.0) + values.sum().item()
-    names = sorted(sums) if sums else ["reward_mean", *(f"reward/{n}" for n in reward.names)]
+    # the same names in the same order on every process, also one with no held-out job (more processes
+    # than images): the sums are all-reduced position by position
+    names = ["reward_mean", *(f"reward/{n}" for n in reward.names)]
     totals = torch.tensor([sums.get(n, 0.0) for n in names] + [float(len(mine))], device=accelerator.device)
     totals = accelerator.reduce(totals, "sum")
     return {f"eval/{name}": (value / totals[-1]).item() for name, value in zip(names, totals[:-1], strict=True)}
