@@ -13,7 +13,7 @@ from accelerate.commands.config.config_args import ClusterConfig
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 # The configs a CPU can launch, and the processes each says it starts; the GPU ones (multi_gpu,
-# deepspeed_zero2, fsdp) are launched by the GPU check script instead.
+# deepspeed_zero2, fsdp) are launched by the GPU check script instead; fsdp_cpu.yaml by tests/test_fsdp.py.
 CPU_LAUNCHES = {"cpu_ddp.yaml": 2, "single_gpu.yaml": 1}
 
 

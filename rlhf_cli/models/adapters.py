@@ -10,6 +10,7 @@ from torch import nn
 
 from rlhf_cli.config.sections import PeftConfig
 from rlhf_cli.models.dropout import original_dropout_config
+from rlhf_cli.training.sharding import tied_aliases
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +80,40 @@ def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: lis
     return model
 
 
-def save_model_folder(model, folder: Path, tokenizer=None) -> None:
+def save_model_folder(model, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
     """The model as `transformers`/`peft` load it: config + safetensors (+ tokenizer files); for the
     final model and every checkpoint alike.
 
     An adapter folder holds the adapter that trains (the active one) only: a frozen `reference`
     adapter (PPO started from an adapter folder, models/policy.py) is not part of it. The config is
-    written with the dropout the model came with (models/dropout.py zeroes it for RL)."""
+    written with the dropout the model came with (models/dropout.py zeroes it for RL). `state_dict`: the
+    weights to write instead of the model's own (a sharded model's, gathered: training/sharding.py)."""
     extra = {"selected_adapters": list(model.active_adapters)} if isinstance(model, PeftModel) else {}
+    if state_dict is not None:
+        extra["state_dict"] = state_dict
     with original_dropout_config(model):
         model.save_pretrained(folder, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
-def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig) -> None:
+def whole_copy(model: PeftModel, state_dict: dict) -> PeftModel:
+    """A plain (unsharded) copy of an adapter-wrapped model, holding `state_dict`'s weights."""
+    base = model.get_base_model()
+    copy = get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+    missing, unexpected = copy.load_state_dict(state_dict, strict=False)
+    if unexpected or set(missing) - set(tied_aliases(copy)):  # the gathered state leaves out tied aliases only
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return copy
+
+
+def save_final_model(model, tokenizer, output_dir: Path, peft_cfg: PeftConfig, state_dict: dict | None = None) -> None:
     """The run's model at the top of output_dir: HF folder, or a PEFT adapter folder (+ `merged/`)."""
-    save_model_folder(model, output_dir, tokenizer)
+    save_model_folder(model, output_dir, tokenizer, state_dict)
     with original_dropout_config(model):
         if isinstance(model, PeftModel) and peft_cfg.save_merged:
+            if state_dict is not None:  # sharded weights: merge in a whole copy built from the gathered ones
+                model = whole_copy(model, state_dict)
             merged = model.merge_and_unload()  # the active adapter is folded into the base weights in place
             merged.save_pretrained(output_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(output_dir / "merged")

@@ -27,6 +27,7 @@ from rlhf_cli.training.output import (
     write_run_files,
 )
 from rlhf_cli.training.progress import setup_logging
+from rlhf_cli.training.sharding import is_sharded
 from rlhf_cli.training.trackers import close_trackers, start_trackers
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,10 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         log.info("rlhf %s -> %s (%d process%s, %s)", stage, output_dir, accelerator.num_processes,
                  "es" if accelerator.num_processes > 1 else "", accelerator.device)
-        for warning in launch_warnings(accelerator):
+        if is_sharded(accelerator):
+            log.info("FSDP %d: parameters, gradients and optimizer state sharded over %d processes",
+                     accelerator.state.fsdp_plugin.fsdp_version, accelerator.num_processes)
+        for warning in launch_warnings(accelerator, stage):
             log.warning(warning)
     # the trackers write into the folder, so they start once it is ready (--overwrite has emptied it)
     start_trackers(accelerator, output_dir, config.training.run_name or output_dir.name,

@@ -21,6 +21,7 @@ from rlhf_cli.models.loading import float32_master_weights, load_model, load_sta
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.bradley_terry import bradley_terry_loss
 from rlhf_cli.training.loop import train_loop
+from rlhf_cli.training.sharding import full_model_state, lockstep_batches
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,13 @@ def evaluate(model, dataset, collate, batch_size: int, accelerator, center: floa
     model.eval()
     rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     local = []  # per pair: (r_chosen, r_rejected, loss)
-    for start in range(0, len(rows), batch_size):
-        batch = collate([dataset[i] for i in rows[start : start + batch_size]])
+    for batch_rows, real in lockstep_batches(rows, batch_size, accelerator):
+        batch = collate([dataset[i] for i in batch_rows])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             chosen, rejected = pair_rewards(model, batch)
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), center)
-        local.extend(torch.stack([chosen, rejected, loss], dim=1).tolist())  # (B, 3)
+        local.extend(torch.stack([chosen, rejected, loss], dim=1)[:real].tolist())  # (real, 3); see lockstep_batches
     pairs = torch.tensor(gather_object(local), dtype=torch.float64).reshape(-1, 3)  # (N, 3)
     chosen, rejected, loss = pairs.unbind(dim=1)
     both = torch.cat([chosen, rejected])  # (2N,)
@@ -207,8 +208,9 @@ def run(config: RewardModelConfig, resume: bool = False, overwrite: bool = False
         final, split, responses = run_eval(state["model"], sample), data.dataset_train_split, 2 * len(sample)
 
     # 6. The final model at the top of output_dir, reward_stats.json beside it
+    gathered = full_model_state(accelerator, state["model"])  # FSDP: the whole weights (every process)
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft)
+        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft, gathered)
         write_reward_stats(run_.output_dir, final, split, responses)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items())
         log.info("done: %d steps; %s; model written to %s", state["step"], summary, run_.output_dir)

@@ -20,6 +20,7 @@ from rlhf_cli.models.policy import is_encoder_decoder
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
+from rlhf_cli.training.sharding import full_model_state, is_sharded, lockstep_batches
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,13 @@ def evaluate(model, dataset, collate, batch_size: int, accelerator) -> dict[str,
     model.eval()
     total = torch.zeros(3, device=accelerator.device)  # loss sum, correct, tokens
     rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    for start in range(0, len(rows), batch_size):
-        batch = collate([dataset[i] for i in rows[start : start + batch_size]])
+    for batch_rows, real in lockstep_batches(rows, batch_size, accelerator):
+        batch = collate([dataset[i] for i in batch_rows])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             loss, correct, mask = token_losses(model, batch)
-        total += torch.stack([loss.sum(), correct.sum().float(), mask.sum().float()])
+        if real:  # 0: a forward run only to keep step with the other FSDP processes
+            total += torch.stack([loss.sum(), correct.sum().float(), mask.sum().float()])
     total = accelerator.reduce(total, "sum")
     eval_loss = (total[0] / total[2].clamp(min=1)).item()
     return {
@@ -134,14 +136,16 @@ def _prompt_of(row: dict, fmt: str, cfg: SFTDataConfig) -> str | list[dict]:
     return " ".join(row[cfg.text_column].split()[:4])
 
 
-def log_samples(model, tokenizer, rows, cfg: SFTDataConfig, output_dir, step: int) -> None:
-    """Continue a few held-out prompts with the trained model; log them and write samples.jsonl."""
+def log_samples(model, tokenizer, rows, cfg: SFTDataConfig, output_dir, step: int, write: bool = True) -> None:
+    """Continue a few held-out prompts with the trained model; log them and write samples.jsonl (`write`:
+    False on the processes that only take part in a sharded model's generation)."""
     shown, prompts = sample_prompts(rows, tokenizer, cfg)
     if not prompts:
         return
     max_new_tokens = max(16, min(128, cfg.max_length - max(len(p) for p in prompts)))
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens)
-    write_samples(output_dir, step, shown, responses)
+    if write:
+        write_samples(output_dir, step, shown, responses)
 
 
 def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> None:
@@ -207,11 +211,14 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     )
 
     # 6. A few samples from held-out prompts, and the final model at the top of output_dir
-    if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(state["model"])
+    # (under FSDP generating and gathering the weights are collectives: every process takes part)
+    final_model = accelerator.unwrap_model(state["model"])
+    if accelerator.is_main_process or is_sharded(accelerator):
         log_samples(final_model, tokenizer, test_raw if test_raw is not None else train_raw, config.data,
-                    run_.output_dir, state["step"])
-        save_final_model(final_model, tokenizer, run_.output_dir, config.peft)
+                    run_.output_dir, state["step"], write=accelerator.is_main_process)
+    gathered = full_model_state(accelerator, state["model"])
+    if accelerator.is_main_process:
+        save_final_model(final_model, tokenizer, run_.output_dir, config.peft, gathered)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in state.get("eval", {}).items())
         log.info("done: %d steps; %s; model written to %s", state["step"], summary or "no held-out split", run_.output_dir)
     finish_run(run_)

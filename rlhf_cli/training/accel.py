@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.training.sharding import whole
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +42,61 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
         log_with=list(training.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
+    if cpu and asked_for("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1:
+        shard_on_cpu(accelerator)
     set_seed(training.seed)
     return accelerator
 
 
-# Engines whose paths (parameters gathered around generate, the engine's own step and gradient norm,
-# sharded checkpoints) have not run yet: rlhf is tested data-parallel on CPU processes (gloo) only.
-UNTESTED_ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+def asked_for(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() == "true"
+
+
+def shard_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP on CPU processes (gloo), as the launcher's config asks: accelerate applies FSDP on accelerators
+    only and would run these processes as plain data parallel, although FSDP 2 itself (torch's fully_shard)
+    runs on CPU tensors. Switching the state before anything is prepared makes `prepare` shard the model
+    with the plugin read from the launcher's FSDP_* variables, exactly as on GPUs
+    (tests/test_fsdp.py: equal to DDP's results)."""
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU processes: rlhf runs FSDP 2 there (fsdp_version: 2 in the accelerate config); "
+                        "FSDP 1 needs GPUs.")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # both shared states: every later AcceleratorState() copies PartialState's over its own (as accelerate
+    # itself does when it picks FSDP on a GPU)
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+# The stages whose path under each engine has run: FSDP 2 on CPU processes, against DDP, with resume
+# (tests/test_fsdp.py). The others' (parameters gathered around generate, the engine's own step and
+# gradient norm, sharded checkpoints) have not.
+TESTED_UNDER = {"FSDP": ("sft", "reward")}
 # What `accelerate launch` exports when its config asks for an engine; accelerate applies either on GPUs
-# only, so on CPU processes the run is plain data-parallel instead.
+# only (rlhf applies FSDP to CPU processes itself: `shard_on_cpu`).
 LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
 
 
-def launch_warnings(accelerator: Accelerator) -> list[str]:
+def launch_warnings(accelerator: Accelerator, stage: str) -> list[str]:
     """What a user should know about how the run was launched, said at start-up instead of found out later:
-    an engine rlhf has not been tested under, an engine the launcher asked for that accelerate did not apply
-    (on CPU), and a launcher's mixed precision that the config overrides
+    an engine rlhf has not been tested under for this stage, an engine the launcher asked for that is not
+    applied (DeepSpeed on CPU), and a launcher's mixed precision that the config overrides
     (`accelerate launch` exports its config's `mixed_precision`; training.bf16 / training.fp16 decide)."""
     warnings = []
-    engine = UNTESTED_ENGINES.get(accelerator.distributed_type)
-    if engine is not None:
-        warnings.append(f"{engine}: rlhf has not been tested under {engine} yet (only data-parallel processes on "
-                        "CPU are); generation with sharded parameters, checkpoints and resume may fail.")
+    engine = ENGINES.get(accelerator.distributed_type)
+    if engine is not None and stage not in TESTED_UNDER.get(engine, ()):
+        tested = ", ".join(TESTED_UNDER.get(engine, ())) or "none"
+        warnings.append(f"{engine}: rlhf {stage} has not been tested under {engine} yet (stages tested: {tested}); "
+                        "generation with sharded parameters, checkpoints and resume may fail.")
     for variable, asked in LAUNCHER_ENGINES.items():
-        if os.environ.get(variable, "false").lower() == "true" and engine != asked:
+        if asked_for(variable) and engine != asked:
+            why = "it applies DeepSpeed on GPUs only" if asked == "DeepSpeed" else "one process has nothing to shard with"
             warnings.append(f"the launcher asks for {asked}, but accelerate runs this as {accelerator.distributed_type.value} "
-                            f"({accelerator.num_processes} process(es) on {accelerator.device.type}): it applies {asked} "
-                            "on GPUs only, so every process holds the whole model.")
+                            f"({accelerator.num_processes} process(es) on {accelerator.device.type}): {why}, so every "
+                            "process holds the whole model.")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", accelerator.mixed_precision):
         warnings.append(f"the launcher asks for mixed precision {launcher!r}, but this run uses "
@@ -80,10 +109,11 @@ def launch_warnings(accelerator: Accelerator) -> list[str]:
 def replica_checksum(accelerator: Accelerator, model) -> float:
     """A checksum of the weights, checked to be identical on every process.
 
-    Data-parallel replicas must hold bit-identical weights after every step; a mismatch means a
+    Data-parallel replicas must hold bit-identical weights after every step (FSDP shards: the gathered
+    weights, identical by construction, so the checksum compares with a DDP run's); a mismatch means a
     broken setup (e.g. a process that skipped a step), so it stops the run instead of saving.
     """
-    params = [p for p in accelerator.unwrap_model(model).parameters()]
+    params = [whole(p) for p in accelerator.unwrap_model(model).parameters()]  # FSDP: gathered (collective)
     local = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in params]).flatten()
     local = local.to(accelerator.device)
     everyone = accelerator.gather(local.unsqueeze(0))  # (processes, 2 * params)

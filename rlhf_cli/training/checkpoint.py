@@ -33,6 +33,14 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import save_model_folder
+from rlhf_cli.training.sharding import (
+    adapter_state_for_model,
+    full_model_state,
+    is_sharded,
+    load_full_model_state,
+    load_optimizer_state,
+    optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +98,13 @@ def save_checkpoint(
     rank = accelerator.process_index
     (tmp / f"rng_state_{rank}.json").write_text(json.dumps(plain))
     save_file(tensors, tmp / f"rng_state_{rank}.safetensors")
+    gathered = full_model_state(accelerator, model)  # FSDP: the whole weights (collective); else None
+    optimizer_saved = optimizer_state(accelerator, model, optimizer)
     if accelerator.is_main_process:
-        save_model_folder(accelerator.unwrap_model(model), tmp / "model", tokenizer)
+        save_model_folder(accelerator.unwrap_model(model), tmp / "model", tokenizer, gathered)
         for name, module in (extra_modules or {}).items():
             save_file(_module_state(accelerator.unwrap_model(module)), tmp / f"{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_saved, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     _test_pause()
@@ -269,13 +279,21 @@ def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_weights_into(model, folder: Path) -> None:
-    """Load a checkpoint's model folder into an already-built model (full weights or a PEFT adapter).
+def load_weights_into(model, folder: Path, accelerator=None) -> None:
+    """Load a checkpoint's model folder into an already-built model (full weights or a PEFT adapter);
+    with `accelerator`, `model` is the prepared model (each process keeps its shard under FSDP).
 
     Weights that do not fit the model (another model or adapter shape than the checkpoint's: a config
     changed with --allow-config-change) are a UserError naming the folder."""
     adapter = folder / "adapter_model.safetensors"
+    plain = accelerator is None or not is_sharded(accelerator)
+    if accelerator is not None and plain:
+        model = accelerator.unwrap_model(model)
     try:
+        if adapter.exists() and not plain:
+            module = accelerator.unwrap_model(model)
+            load_full_model_state(accelerator, model, adapter_state_for_model(module, load_file(adapter)))
+            return
         if adapter.exists():
             from peft import set_peft_model_state_dict
 
@@ -287,14 +305,15 @@ def load_weights_into(model, folder: Path) -> None:
         state: dict[str, torch.Tensor] = {}
         for file in files:
             state.update(load_file(file))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = (model.load_state_dict(state, strict=False) if plain
+                               else load_full_model_state(accelerator, model, state))
     except RuntimeError as err:  # shapes that differ: torch's message lists them
         raise _mismatch(folder, str(err).splitlines()[0]) from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     untied_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if untied_missing or unexpected:
         raise _mismatch(folder, f"missing {untied_missing[:3]}, unexpected {unexpected[:3]}")
-    if hasattr(model, "tie_weights"):
+    if plain and hasattr(model, "tie_weights"):
         model.tie_weights()
 
 
@@ -335,7 +354,7 @@ def load_checkpoint(
 
     The optimizer's hyperparameters (learning rate, betas, eps, weight decay) are the config's, not the
     checkpoint's: see _keep_config_hyperparameters."""
-    load_weights_into(accelerator.unwrap_model(model), path / "model")
+    load_weights_into(model, path / "model", accelerator)
     for name, module in (extra_modules or {}).items():
         try:
             accelerator.unwrap_model(module).load_state_dict(load_file(path / f"{name}.safetensors"))
@@ -344,7 +363,8 @@ def load_checkpoint(
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     fresh_base_lrs = list(scheduler.base_lrs) if hasattr(scheduler, "base_lrs") else None
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        load_optimizer_state(accelerator, model, optimizer,
+                             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (ValueError, RuntimeError) as err:  # another number or shape of trainable parameters
         raise _mismatch(path / "optimizer.pt", str(err).splitlines()[0]) from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -17,6 +17,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from rlhf_cli.training.sharding import is_sharded, whole
 
 
 @dataclass
@@ -34,9 +37,12 @@ class StepOutcome:
 
 
 def gradient_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients together; of the whole gradients where they are FSDP shards (collective)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if any(isinstance(g, DTensor) for g in grads):  # sharded: each process's part, summed over processes
+        return whole(torch.nn.utils.get_total_norm(grads))
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
@@ -46,12 +52,14 @@ def optimizer_step(accelerator, optimizer, params, max_grad_norm: float) -> Step
     The caller zeroes the gradients afterwards. With data parallelism the gradients are already
     all-reduced, so every process reaches the same decision."""
     params = [p for p in params if p.requires_grad]
-    if max_grad_norm > 0:
+    if max_grad_norm > 0 and not is_sharded(accelerator):
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first under a scaler
-    else:
+    else:  # also FSDP: accelerate clips there only when `params` are all of a model's (not so under LoRA)
         if accelerator.scaler is not None:
             accelerator.unscale_gradients()
         norm = gradient_norm(params)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     norm = None if norm is None else float(norm)
     if accelerator.scaler is not None:
         optimizer.step()  # scaler.step + scaler.update: skips an overflowed step and lowers the scale

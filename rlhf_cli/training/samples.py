@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cli.training.sharding import root_gathered
+
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
@@ -41,7 +43,7 @@ def generate_responses(
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     was_training = model.training
     model.eval()  # dropout off; also switches gradient checkpointing off, so the cache can be used
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), root_gathered(model):
         torch.manual_seed(seed)
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

@@ -19,38 +19,43 @@ def no_launcher(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
 
 
-@pytest.mark.parametrize("engine, name", [(DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")])
-def test_an_untested_engine_is_said_at_start_up(engine, name, monkeypatch):
-    (warning,) = launch_warnings(accelerator(engine))
-    assert warning.startswith(f"{name}: rlhf has not been tested under {name}")
+@pytest.mark.parametrize("engine, name, stage", [(DistributedType.DEEPSPEED, "DeepSpeed", "sft"),
+                                                 (DistributedType.FSDP, "FSDP", "ppo")])
+def test_an_untested_engine_is_said_at_start_up(engine, name, stage, monkeypatch):
+    (warning,) = launch_warnings(accelerator(engine), stage)
+    assert warning.startswith(f"{name}: rlhf {stage} has not been tested under {name}")
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_stages_tested_under_fsdp_say_nothing(stage):
+    assert launch_warnings(accelerator(DistributedType.FSDP), stage) == []
 
 
 @pytest.mark.parametrize("engine", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
 def test_data_parallel_and_single_process_runs_say_nothing(engine, monkeypatch):
-    assert launch_warnings(accelerator(engine)) == []
+    assert launch_warnings(accelerator(engine), "sft") == []
 
 
 def test_a_launchers_mixed_precision_the_config_overrides_is_said(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    (warning,) = launch_warnings(accelerator(precision="no"))
+    (warning,) = launch_warnings(accelerator(precision="no"), "sft")
     assert "mixed precision 'bf16'" in warning and "training.bf16" in warning
 
 
 @pytest.mark.parametrize("launcher, run", [("no", "bf16"), ("bf16", "bf16")])
 def test_a_launcher_that_agrees_or_asks_for_nothing_says_nothing(launcher, run, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    assert launch_warnings(accelerator(precision=run)) == []
+    assert launch_warnings(accelerator(precision=run), "sft") == []
 
 
-@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_an_engine_the_launcher_asked_for_but_accelerate_did_not_apply_is_said(variable, name, monkeypatch):
-    """On CPU, accelerate runs an FSDP or DeepSpeed launch as plain data-parallel processes."""
-    monkeypatch.setenv(variable, "true")
-    (warning,) = launch_warnings(accelerator(DistributedType.MULTI_CPU))
-    assert warning.startswith(f"the launcher asks for {name}, but accelerate runs this as MULTI_CPU (2 process(es) on cpu)")
+def test_an_engine_the_launcher_asked_for_but_accelerate_did_not_apply_is_said(monkeypatch):
+    """On CPU, accelerate runs a DeepSpeed launch as plain data-parallel processes."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    (warning,) = launch_warnings(accelerator(DistributedType.MULTI_CPU), "sft")
+    assert warning.startswith("the launcher asks for DeepSpeed, but accelerate runs this as MULTI_CPU (2 process(es) on cpu)")
 
 
 def test_an_engine_that_was_applied_is_only_said_untested(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    (warning,) = launch_warnings(accelerator(DistributedType.FSDP))
-    assert warning.startswith("FSDP: rlhf has not been tested")
+    (warning,) = launch_warnings(accelerator(DistributedType.FSDP), "dpo")
+    assert warning.startswith("FSDP: rlhf dpo has not been tested")

@@ -8,11 +8,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
 
 from rlhf_cli.training.optimizer_step import optimizer_step
 
 
 class Fp16Accelerator:
+    distributed_type = DistributedType.NO
+
     def __init__(self, optimizer: AcceleratedOptimizer):
         self.scaler, self.optimizer = optimizer.scaler, optimizer
 
@@ -25,7 +28,7 @@ class Fp16Accelerator:
 
 
 class PlainAccelerator:
-    scaler = None
+    scaler, distributed_type = None, DistributedType.NO
 
     def clip_grad_norm_(self, params, max_norm):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -1,0 +1,134 @@
+"""Models whose parameters are sharded between processes (FSDP 2): their weights and optimizer state
+gathered into plain tensors for the files rlhf writes (Hugging Face folders, checkpoints), and put
+back on resume; the evaluation batches every process must run in step.
+
+Under FSDP each parameter is a DTensor holding this process's shard, and every forward gathers the
+whole parameters of a block from all processes: whatever reads weights or runs a forward is a
+collective, so every process calls it, the same number of times. Under DDP (or one process) every
+function here is the plain operation, so the files and figures are unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+# full (unsharded) tensors, on the CPU, held by the main process only (the others get {})
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_model_state(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict on the main process (None elsewhere); None everywhere when the model is
+    not sharded (its own state_dict is whole: the caller saves it as it is). Collective under FSDP."""
+    if not is_sharded(accelerator):
+        return None
+    module = accelerator.unwrap_model(model)
+    state = get_model_state_dict(module, options=GATHER)
+    for name in tied_aliases(module):  # gathered copies are separate tensors: save_pretrained would keep both
+        state.pop(name, None)
+    return state if accelerator.is_main_process else None
+
+
+def tied_aliases(module: torch.nn.Module) -> list[str]:
+    """Names of parameters that are another name's parameter (a tied LM head), as the model's own
+    state_dict would leave out when saved."""
+    seen, aliases = set(), []
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.append(name)
+        seen.add(id(param))
+    return aliases
+
+
+def load_full_model_state(accelerator, model, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load whole tensors (as read from a checkpoint folder) into the model, each process keeping its shard.
+    Returns (missing, unexpected) keys, as `load_state_dict(strict=False)` does."""
+    if not is_sharded(accelerator):
+        return accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+    result = set_model_state_dict(accelerator.unwrap_model(model), state,
+                                  options=StateDictOptions(full_state_dict=True, strict=False))
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def adapter_state_for_model(module, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors under the names the peft-wrapped `module` has for them: the active adapter's
+    name put back (`lora_A.weight` -> `lora_A.default.weight`, `score.weight` ->
+    `score.modules_to_save.default.weight`), as peft's `set_peft_model_state_dict` does for a whole model."""
+    name = module.active_adapter
+    mapped = {}
+    for key in module.state_dict():
+        saved_as = key.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
+        if saved_as != key and saved_as in saved:
+            mapped[key] = saved[saved_as]
+    if len(mapped) != len(saved):
+        unused = sorted(set(saved) - {k.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".") for k in mapped})
+        raise RuntimeError(f"adapter weights not in the model: {unused[:3]}")
+    return mapped
+
+
+def optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """What checkpoint-N/optimizer.pt holds: torch's state dict (parameters by index), or under FSDP the
+    whole state keyed by parameter name (gathered on the main process; None elsewhere). Collective under FSDP."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    state = get_optimizer_state_dict(accelerator.unwrap_model(model), _torch_optimizer(optimizer), options=GATHER)
+    return state if accelerator.is_main_process else None
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(accelerator.unwrap_model(model), _torch_optimizer(optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+
+
+@contextmanager
+def root_gathered(model):
+    """Around `generate` on a model FSDP shards: the root module's own parameters (embeddings, final norm,
+    LM head) gathered. FSDP gathers them in the root's forward, which peft's `generate` never calls (it goes
+    to the wrapped model's); each block still gathers its own in its forward. Elsewhere: nothing."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient as one plain tensor (collective for a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def lockstep_batches(rows: list[int], batch_size: int, accelerator) -> list[tuple[list[int], int]]:
+    """This process's rows in batches, as (row indices, how many of them are real). Under FSDP every process
+    must run as many forwards as the others, so a process with fewer batches runs extra ones of its first row
+    (real count 0) whose results the caller drops."""
+    batches = [(rows[i : i + batch_size], len(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+    if not is_sharded(accelerator):
+        return batches
+    most = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())
+    filler = rows[:1] or [0]
+    return batches + [(filler, 0)] * (most - len(batches))
