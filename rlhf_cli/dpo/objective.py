@@ -15,6 +15,7 @@ from rlhf_cli.config.schema import DPOOptions
 from rlhf_cli.dpo.logprobs import SequenceLogps, sequence_logps
 from rlhf_cli.dpo.losses import dpo_losses
 from rlhf_cli.dpo.reference import Reference, num_sequences
+from rlhf_cli.training.sharding import lockstep_batches
 
 # per-pair quantities, in the order pair_terms returns them; each is logged as its mean over pairs
 TERMS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen",
@@ -90,11 +91,11 @@ def evaluate(model, reference: Reference, dataset, collate, batch_size: int, acc
     model.eval()
     rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     local = []  # per pair: the TERMS values
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in rows[start : start + batch_size]]).items()}
+    for batch_rows, real in lockstep_batches(rows, batch_size, accelerator):
+        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in batch_rows]).items()}
         with accelerator.autocast():
             terms = pair_terms(sequence_logps(model, batch), reference.logps(model, batch), opts)
-        local.extend(torch.stack([terms[k].float() for k in TERMS], dim=1).tolist())  # (B, len(TERMS))
+        local.extend(torch.stack([terms[k].float() for k in TERMS], dim=1)[:real].tolist())  # (real, len(TERMS))
     table = torch.tensor(gather_object(local), dtype=torch.float64).reshape(-1, len(TERMS))  # (N, len(TERMS))
     row = summarize(dict(zip(TERMS, table.unbind(dim=1), strict=True)), prefix="eval_")
     if opts.rpo_alpha is None:

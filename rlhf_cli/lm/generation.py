@@ -14,6 +14,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 
 from rlhf_cli.config.sections import GenerationConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.training.sharding import synced_generation
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor) -
 
     Rows that stopped early are padded on the right; callers truncate after the stop token.
     """
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask)
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, synced_gpus=synced_generation(model))
     if getattr(innermost_model(model).config, "is_encoder_decoder", False):
         return out[:, 1:]  # drop the decoder start token
     return out[:, query_ids.shape[1] :]

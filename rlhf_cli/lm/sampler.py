@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_cli.lm.generation import sample_responses, sample_with_logprobs
+from rlhf_cli.training.sharding import root_gathered
 
 
 class Sampler:
@@ -35,13 +36,9 @@ class HFSampler(Sampler):
     @torch.no_grad()
     def sample(self, query_ids, query_mask, chunk: int, pad_id: int):
         policy, value_head, pieces = self.model.policy, self.model.value_head, []
-        for i in range(0, len(query_ids), chunk):
-            q, m = query_ids[i : i + chunk], query_mask[i : i + chunk]
-            with self.accelerator.autocast():  # the precision of the update's forward (docs/ppo.md, Precision)
-                if self.captures:
-                    pieces.append(sample_with_logprobs(policy, value_head, q, m, self.temperature))
-                else:
-                    pieces.append((sample_responses(policy, q, m), None, None))
+        with root_gathered(self.model):  # FSDP: generate does not pass through the wrapper's forward
+            for i in range(0, len(query_ids), chunk):
+                pieces.append(self._sample_chunk(policy, value_head, query_ids[i : i + chunk], query_mask[i : i + chunk]))
         width = max(p[0].shape[1] for p in pieces)
 
         def joined(k: int, value) -> torch.Tensor | None:
@@ -51,3 +48,9 @@ class HFSampler(Sampler):
             return torch.cat([F.pad(x, (0, width - x.shape[1]), value=value) for x in parts])
 
         return joined(0, pad_id), joined(1, 0.0), joined(2, 0.0)
+
+    def _sample_chunk(self, policy, value_head, q, m):
+        with self.accelerator.autocast():  # the precision of the update's forward (docs/ppo.md, Precision)
+            if self.captures:
+                return sample_with_logprobs(policy, value_head, q, m, self.temperature)
+            return sample_responses(policy, q, m), None, None

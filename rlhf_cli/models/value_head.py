@@ -44,8 +44,9 @@ class ValueHead(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
-    def save(self, folder: str | Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    def save(self, folder: str | Path, state: dict | None = None) -> None:
+        """`state`: the weights to write instead of the head's own (gathered from FSDP shards)."""
+        state = state if state is not None else {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, Path(folder) / VALUE_HEAD_FILE)
 
     @classmethod
@@ -74,6 +75,14 @@ class PolicyWithValue(nn.Module):
         self.value_head = (value_head or ValueHead(hidden_size(critic or policy))) if with_value else None
         self.critic = critic  # optional separate backbone (e.g. the reward model's) for the values
         self.is_encoder_decoder = bool(getattr(policy.config, "is_encoder_decoder", False))
+
+    def tie_weights(self) -> None:
+        """Tie the policy's (and critic's) shared weights again, as a transformers model's own method does:
+        accelerate's FSDP loading calls it on the module it prepares after moving that to the meta device,
+        which unties them (an untied LM head would then train apart from the input embeddings)."""
+        for model in (self.policy, self.critic):
+            if model is not None and hasattr(model, "tie_weights"):
+                model.tie_weights()
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.value_head is None:

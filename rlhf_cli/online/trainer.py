@@ -12,7 +12,6 @@ Shapes: B rollout rows on this process, P query tokens (left-padded), T response
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -30,6 +29,7 @@ from rlhf_cli.online.algorithm import Algorithm
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.updater import NonFiniteBatch, Updater
 from rlhf_cli.training.optim import make_optimizer, make_scheduler
+from rlhf_cli.training.sharding import root_gathered
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,10 @@ class OnlineTrainer:
         model = self.reference if self.reference is not None else self.unwrapped.policy
 
         def forward():  # (a fresh context each call: read_tokens may run the forward twice)
-            with reference_mode(model) if self.reference is None else contextlib.nullcontext():
+            if self.reference is not None:
+                return model(**inputs, use_cache=False).logits, None
+            # the policy called past its wrapper: under FSDP the wrapper's own parameters are gathered here
+            with reference_mode(model), root_gathered(self.model):
                 return model(**inputs, use_cache=False).logits, None
 
         stats, _ = self._read(model, forward, r, idx, (P, T, self.reference_keeps_logits))

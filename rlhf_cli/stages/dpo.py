@@ -22,6 +22,7 @@ from rlhf_cli.models.loading import float32_master_weights, load_model, load_sta
 from rlhf_cli.models.policy import has_reference_adapter, is_encoder_decoder, load_policy
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
+from rlhf_cli.training.sharding import full_model_state
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,9 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     )
 
     # 6. The final model at the top of output_dir (an adapter folder holds the trained adapter only)
+    gathered = full_model_state(accelerator, state["model"])  # FSDP: the whole weights (every process)
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft)
+        save_final_model(accelerator.unwrap_model(state["model"]), tokenizer, run_.output_dir, config.peft, gathered)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in state.get("eval", {}).items())
         log.info("done: %d steps; %s; model written to %s", state["step"], summary or "no held-out split", run_.output_dir)
     finish_run(run_)

@@ -35,6 +35,7 @@ from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import BatchOrder, nonfinite_message
 from rlhf_cli.training.metrics import truncate_jsonl
 from rlhf_cli.training.progress import StepProgress, print_samples
+from rlhf_cli.training.sharding import full_model_state, lockstep_batches
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,11 @@ def held_out_scores(trainer: OnlineTrainer, reward: CombinedReward, prompts, col
     total = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, len(rows), trainer.forward_batch_size):
-            chunk = rows[start : start + trainer.forward_batch_size]
+        for chunk, real in lockstep_batches(rows, trainer.forward_batch_size, trainer.accelerator):
             q, m = left_pad([prompts[i] for i in chunk], pad)
             rollout = trainer.generate(query_ids=q.to(device), query_mask=m.to(device), num_generations=1)
+            if not real:  # generated only to keep step with the other FSDP processes
+                continue
             scores, parts = score(reward, rollout, columns, chunk, trainer.accelerator)
             for name, values in {"scores": scores, **parts}.items():
                 total[name] = total.get(name, 0.0) + values.sum().item()
@@ -126,7 +128,7 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     iteration = 0
     if run_.resume_from is not None:
         state = load_checkpoint(run_.resume_from, accelerator, trainer.unwrapped.policy, trainer.optimizer,
-                                trainer.scheduler, extra_modules=value_head_module(trainer))
+                                trainer.scheduler, extra_modules=value_head_module(trainer), trained=trainer.model)
         trainer.load_state_dict(state["trainer"])
         iteration = state["step"]
         run_.metrics.truncate_after(iteration)
@@ -217,11 +219,13 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     evaluate_held_out(iteration)
     save(run_, trainer, iteration, tokenizer, training.save_total_limit)
     replica_checksum(accelerator, trainer.model)
+    unwrapped = trainer.unwrapped
+    gathered = {name: full_model_state(accelerator, module)  # FSDP: whole weights (every process); else None
+                for name, module in {"policy": unwrapped.policy, **value_head_module(trainer)}.items()}
     if accelerator.is_main_process:
-        unwrapped = trainer.unwrapped
-        save_final_model(unwrapped.policy, tokenizer, run_.output_dir, config.peft)
+        save_final_model(unwrapped.policy, tokenizer, run_.output_dir, config.peft, gathered["policy"])
         if unwrapped.value_head is not None:
-            unwrapped.value_head.save(run_.output_dir)
+            unwrapped.value_head.save(run_.output_dir, gathered["value_head"])
         log.info("done: %d iterations, %d episodes; %s written to %s", iteration, trainer.episode,
                  "policy and value head" if unwrapped.value_head is not None else "policy", run_.output_dir)
         alarms.write(run_.output_dir)
@@ -249,7 +253,7 @@ def save(run_, trainer: OnlineTrainer, iteration: int, tokenizer, limit) -> None
     save_checkpoint(
         run_.output_dir, iteration, trainer.accelerator, trainer.unwrapped.policy, trainer.optimizer,
         trainer.scheduler, {"trainer": trainer.state_dict()}, extra_modules=value_head_module(trainer),
-        tokenizer=tokenizer, save_total_limit=limit,
+        tokenizer=tokenizer, save_total_limit=limit, trained=trainer.model,
     )
 
 

@@ -74,7 +74,7 @@ ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
 # The stages whose path under each engine has run: FSDP 2 on CPU processes, against DDP, with resume
 # (tests/test_fsdp.py). The others' (parameters gathered around generate, the engine's own step and
 # gradient norm, sharded checkpoints) have not.
-TESTED_UNDER = {"FSDP": ("sft", "reward")}
+TESTED_UNDER = {"FSDP": ("sft", "reward", "dpo", "ppo", "grpo", "rloo")}
 # What `accelerate launch` exports when its config asks for an engine; accelerate applies either on GPUs
 # only (rlhf applies FSDP to CPU processes itself: `shard_on_cpu`).
 LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}

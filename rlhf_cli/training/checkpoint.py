@@ -86,8 +86,11 @@ def save_checkpoint(
     extra_modules: dict[str, torch.nn.Module] | None = None,
     tokenizer=None,
     save_total_limit: int | None = None,
+    trained: torch.nn.Module | None = None,
 ) -> Path:
-    """Write checkpoint-<step> from every process (each saves its RNG), then publish it by rename."""
+    """Write checkpoint-<step> from every process (each saves its RNG), then publish it by rename.
+    `trained`: the prepared module whose parameters the optimizer holds, where that is more than `model`
+    (the online stages' policy with its value head); FSDP names the optimizer state by it."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -99,11 +102,14 @@ def save_checkpoint(
     (tmp / f"rng_state_{rank}.json").write_text(json.dumps(plain))
     save_file(tensors, tmp / f"rng_state_{rank}.safetensors")
     gathered = full_model_state(accelerator, model)  # FSDP: the whole weights (collective); else None
-    optimizer_saved = optimizer_state(accelerator, model, optimizer)
+    gathered_extra = {name: full_model_state(accelerator, module) for name, module in (extra_modules or {}).items()}
+    optimizer_saved = optimizer_state(accelerator, trained or model, optimizer)
     if accelerator.is_main_process:
         save_model_folder(accelerator.unwrap_model(model), tmp / "model", tokenizer, gathered)
         for name, module in (extra_modules or {}).items():
-            save_file(_module_state(accelerator.unwrap_model(module)), tmp / f"{name}.safetensors")
+            weights = gathered_extra[name]
+            save_file(weights if weights is not None else _module_state(accelerator.unwrap_model(module)),
+                      tmp / f"{name}.safetensors")
         torch.save(optimizer_saved, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -348,7 +354,8 @@ def _keep_config_hyperparameters(optimizer, scheduler, fresh_groups: list[dict],
 
 
 def load_checkpoint(
-    path: Path, accelerator, model, optimizer, scheduler, extra_modules: dict[str, torch.nn.Module] | None = None
+    path: Path, accelerator, model, optimizer, scheduler, extra_modules: dict[str, torch.nn.Module] | None = None,
+    trained: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore everything save_checkpoint wrote; returns the trainer state.
 
@@ -357,13 +364,15 @@ def load_checkpoint(
     load_weights_into(model, path / "model", accelerator)
     for name, module in (extra_modules or {}).items():
         try:
-            accelerator.unwrap_model(module).load_state_dict(load_file(path / f"{name}.safetensors"))
+            missing, unexpected = load_full_model_state(accelerator, module, load_file(path / f"{name}.safetensors"))
+            if missing or unexpected:
+                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         except RuntimeError as err:
             raise _mismatch(path / f"{name}.safetensors", str(err).splitlines()[0]) from None
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     fresh_base_lrs = list(scheduler.base_lrs) if hasattr(scheduler, "base_lrs") else None
     try:
-        load_optimizer_state(accelerator, model, optimizer,
+        load_optimizer_state(accelerator, trained or model, optimizer,
                              torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (ValueError, RuntimeError) as err:  # another number or shape of trainable parameters
         raise _mismatch(path / "optimizer.pt", str(err).splitlines()[0]) from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.training.sharding import root_gathered
+from rlhf_cli.training.sharding import root_gathered, synced_generation
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def generate_responses(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            synced_gpus=synced_generation(model),
         )
     model.train(was_training)
     # a causal LM returns prompt + continuation; an encoder-decoder the decoded sequence alone

@@ -102,6 +102,13 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
 
 
+def synced_generation(model) -> bool | None:
+    """`generate`'s `synced_gpus`: True for a model with FSDP-sharded parts, whose every decoding step is a
+    collective (a process whose rows all stopped keeps stepping until every process's have); None elsewhere,
+    leaving transformers' own choice (it detects DeepSpeed ZeRO-3, and FSDP only where it sharded the model)."""
+    return True if any(isinstance(m, FSDPModule) for m in model.modules()) else None
+
+
 @contextmanager
 def root_gathered(model):
     """Around `generate` on a model FSDP shards: the root module's own parameters (embeddings, final norm,

@@ -20,13 +20,13 @@ def no_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize("engine, name, stage", [(DistributedType.DEEPSPEED, "DeepSpeed", "sft"),
-                                                 (DistributedType.FSDP, "FSDP", "ppo")])
+                                                 (DistributedType.FSDP, "FSDP", "ddpo")])
 def test_an_untested_engine_is_said_at_start_up(engine, name, stage, monkeypatch):
     (warning,) = launch_warnings(accelerator(engine), stage)
     assert warning.startswith(f"{name}: rlhf {stage} has not been tested under {name}")
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo", "rloo"])
 def test_stages_tested_under_fsdp_say_nothing(stage):
     assert launch_warnings(accelerator(DistributedType.FSDP), stage) == []
 
@@ -57,5 +57,5 @@ def test_an_engine_the_launcher_asked_for_but_accelerate_did_not_apply_is_said(m
 
 def test_an_engine_that_was_applied_is_only_said_untested(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    (warning,) = launch_warnings(accelerator(DistributedType.FSDP), "dpo")
-    assert warning.startswith("FSDP: rlhf dpo has not been tested")
+    (warning,) = launch_warnings(accelerator(DistributedType.FSDP), "ddpo")
+    assert warning.startswith("FSDP: rlhf ddpo has not been tested")
