@@ -29,7 +29,7 @@ from rlhf_cli.online.algorithm import Algorithm
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.updater import NonFiniteBatch, Updater
 from rlhf_cli.training.optim import make_optimizer, make_scheduler
-from rlhf_cli.training.sharding import root_gathered
+from rlhf_cli.training.sharding import check_shardable, root_gathered
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class OnlineTrainer:
         updates = self.num_iterations * algorithm.num_epochs * algorithm.num_mini_batches
         optimizer = make_optimizer(model.parameters(), config.training)
         self.scheduler = make_scheduler(optimizer, config.training, updates)
+        check_shardable(accelerator, model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.reference = reference.to(accelerator.device).eval() if reference is not None else None
         self.updater = Updater(self.model, self.optimizer, self.scheduler, accelerator, config.training)

@@ -27,6 +27,7 @@ from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.optim import make_optimizer, make_scheduler, total_steps
 from rlhf_cli.training.optimizer_step import optimizer_step
 from rlhf_cli.training.progress import StepProgress
+from rlhf_cli.training.sharding import check_shardable
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def train_loop(
     total = total_steps(training, order.batches_per_epoch)
     optimizer = make_optimizer(model.parameters(), training)
     scheduler = make_scheduler(optimizer, training, total)
+    check_shardable(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
