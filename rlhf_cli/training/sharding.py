@@ -35,19 +35,15 @@ def is_sharded(accelerator) -> bool:
 
 
 def check_shardable(accelerator, model) -> None:
-    """Exit 2, before anything is sharded, for what FSDP does not run correctly yet: encoder-decoder models
-    (T5's embedding is shared by encoder, decoder and head: accelerate's FSDP 2 wrapping refuses it, and
-    inside PPO's policy wrapper the run differed from DDP's) and PPO's separate critic (its run differed
-    from DDP's too; the cause is not found yet)."""
-    if not is_sharded(accelerator):
-        return
-    instead = "launch with data parallel instead (configs/accelerate/multi_gpu.yaml, cpu_ddp.yaml)"
-    config = getattr(getattr(model, "policy", model), "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"FSDP: encoder-decoder models ({config.model_type}) are not supported under FSDP yet; {instead}.")
-    if getattr(model, "critic", None) is not None:
-        raise UserError("FSDP: a separate critic (ppo.value_model_name_or_path) is not supported under FSDP yet; "
-                        f"use the policy's value head (leave it unset) or {instead}.")
+    """Exit 2, before anything is sharded, for what accelerate's FSDP 2 cannot wrap: an encoder-decoder model
+    as the prepared module itself (sft, reward, dpo), whose one embedding is shared by encoder, decoder and
+    LM head ("shared with a parameter already managed by another FSDP group"). Inside the online stages'
+    policy wrapper (ppo, grpo, rloo) it is wrapped and trains as under DDP."""
+    config = getattr(model, "config", None)
+    if is_sharded(accelerator) and getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"FSDP: an encoder-decoder model ({config.model_type}) cannot be sharded for this stage "
+                        "(its embedding is shared by encoder, decoder and LM head); launch with data parallel "
+                        "instead (configs/accelerate/multi_gpu.yaml, cpu_ddp.yaml).")
 
 
 def full_model_state(accelerator, model) -> dict[str, torch.Tensor] | None:
