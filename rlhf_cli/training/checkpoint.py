@@ -3,7 +3,8 @@
 A checkpoint `checkpoint-<step>/` holds:
     model/                      the model in Hugging Face format (a PEFT adapter folder for adapters)
     <name>.safetensors          extra modules (e.g. a value head)
-    optimizer.pt, scheduler.pt  optimizer/scheduler state (tensors and numbers only; loaded weights_only)
+    optimizer.pt, scheduler.pt  optimizer/scheduler state (tensors and numbers only; loaded weights_only);
+                                under FSDP the whole optimizer state keyed by parameter name
     rng_state_<rank>.json/.safetensors   Python/NumPy and torch RNG states of every process
     trainer_state.json          step counters, data position, controller state; written last
 

@@ -84,13 +84,13 @@ def adapter_state_for_model(module, saved: dict[str, torch.Tensor]) -> dict[str,
     name put back (`lora_A.weight` -> `lora_A.default.weight`, `score.weight` ->
     `score.modules_to_save.default.weight`), as peft's `set_peft_model_state_dict` does for a whole model."""
     name = module.active_adapter
-    mapped = {}
-    for key in module.state_dict():
-        saved_as = key.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
-        if saved_as != key and saved_as in saved:
-            mapped[key] = saved[saved_as]
-    if len(mapped) != len(saved):
-        unused = sorted(set(saved) - {k.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".") for k in mapped})
+
+    def saved_as(key: str) -> str:
+        return key.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
+
+    mapped = {key: saved[saved_as(key)] for key in module.state_dict() if saved_as(key) != key and saved_as(key) in saved}
+    unused = sorted(set(saved) - {saved_as(key) for key in mapped})
+    if unused:
         raise RuntimeError(f"adapter weights not in the model: {unused[:3]}")
     return mapped
 
@@ -125,9 +125,11 @@ def synced_generation(model) -> bool | None:
 
 @contextmanager
 def root_gathered(model):
-    """Around `generate` on a model FSDP shards: the root module's own parameters (embeddings, final norm,
-    LM head) gathered. FSDP gathers them in the root's forward, which peft's `generate` never calls (it goes
-    to the wrapped model's); each block still gathers its own in its forward. Elsewhere: nothing."""
+    """Around `generate`, or a forward of an inner module, of a model FSDP shards: the root module's own
+    parameters (embeddings, final norm, LM head, value head) gathered. FSDP gathers them in the root's
+    forward, which neither passes through (peft's `generate` goes to the wrapped model's; the LoRA
+    reference calls the policy inside the value-head wrapper); each block still gathers its own in its
+    forward. Elsewhere: nothing."""
     if not isinstance(model, FSDPModule):
         yield
         return
