@@ -35,7 +35,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+# Pillow (the `diffusion` extra) is imported where images are converted: the text stages read this module's
+# prompts through rlhf_cli.builtin.datasets on installs without it
 
 SIZE = 32
 SHAPES = ("circle", "square", "triangle")
@@ -181,8 +183,10 @@ def render_dataset(
     return np.stack([render_prompt(p, size=size, rng=rng) for p in texts]), texts
 
 
-def to_pil(images: Any) -> list[Image.Image]:
+def to_pil(images: Any) -> list:
     """Images in any accepted form (see the module docstring) as RGB PIL images."""
+    from PIL import Image
+
     return [Image.fromarray(image) for image in _as_uint8(images)]
 
 
@@ -191,9 +195,9 @@ def to_pil(images: Any) -> list[Image.Image]:
 
 def _as_float(images: Any) -> np.ndarray:
     """Accepted image forms -> float64 ``(B, H, W, 3)`` in [0, 1]."""
-    if isinstance(images, Image.Image):
+    if is_pil(images):
         images = [images]
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+    if isinstance(images, (list, tuple)) and images and is_pil(images[0]):
         return np.stack([np.asarray(i.convert("RGB"), dtype=np.float64) / 255 for i in images])
     if hasattr(images, "detach"):  # a torch tensor (B, 3, H, W) in [0, 1]; torch stays an optional import
         array = images.detach().float().cpu().numpy()
@@ -204,6 +208,10 @@ def _as_float(images: Any) -> np.ndarray:
     if array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"expected images (B, 3, H, W) tensor, PIL list or (B, H, W, 3) array, got {array.shape}")
     return array.astype(np.float64) / 255 if array.dtype == np.uint8 else np.clip(array, 0.0, 1.0)
+
+
+def is_pil(image: Any) -> bool:
+    return type(image).__module__.startswith("PIL.")  # without importing Pillow where it is absent
 
 
 def _as_uint8(images: Any) -> np.ndarray:

@@ -166,3 +166,17 @@ def test_default_sizes_can_be_generated(name):
     """Default sizes are reachable (enough distinct held-out prompts) in a few seconds each."""
     data = load_builtin_dataset(name)
     assert (data["train"].num_rows, data["test"].num_rows) == DEFAULT_SIZES[name]
+
+
+def test_text_worlds_load_without_pillow():
+    """Pillow comes with the `diffusion` extra only: the text stages' built-in data must not need it (it once
+    did, through shapes.py, and every bench side in a venv without Pillow failed at import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['PIL'] = None\n"  # `import PIL` now raises ImportError
+            "from rlhf_cli.builtin.datasets import load_builtin_dataset\n"
+            "print(len(load_builtin_dataset('review-prompts')['train']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 0
