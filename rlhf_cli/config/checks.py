@@ -199,6 +199,9 @@ def check_stage(stage: str, config: Any) -> None:
         if env.tools and env.protocol == "chat" and generation is not None and generation.stop_token is None:
             raise UserError("generation.stop_token: environment.protocol chat ends each assistant turn at the stop "
                             "token, so it cannot be null; use eos or the chat template's end-of-turn token.")
+        if env.tools and getattr(generation, "backend", "hf") == "vllm":
+            raise UserError("generation.backend: vllm samples whole responses, but environment.tools runs a tool "
+                            "between turns (HF generate); use backend hf with tools.")
     if stage == "dpo":
         check_dpo(config)
     if stage == "ddpo":

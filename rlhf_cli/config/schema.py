@@ -13,6 +13,7 @@ from rlhf_cli.config.sections import (
     EnvironmentConfig,
     GenerationConfig,
     ModelConfig,
+    OnlineGenerationConfig,
     PeftConfig,
     RewardSourceConfig,
     TrainingConfig,
@@ -314,7 +315,7 @@ class PPOConfig:
     peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy; the reference is the starting policy (docs/ppo.md, detail 9).")
     data: PromptDataConfig = section(PromptDataConfig, "The prompts.")
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
-    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    generation: OnlineGenerationConfig = section(OnlineGenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
     environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     ppo: PPOOptions = section(PPOOptions, "PPO and KL options.")
@@ -326,7 +327,7 @@ class GRPOConfig:
     peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy.")
     data: PromptDataConfig = section(PromptDataConfig, "The prompts (other columns reach reward functions).")
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
-    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    generation: OnlineGenerationConfig = section(OnlineGenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
     environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     grpo: GRPOOptions = section(GRPOOptions, "Groups, the clipped loss and the KL term.")
@@ -338,7 +339,7 @@ class RLOOConfig:
     peft: PeftConfig = section(PeftConfig, "LoRA adapters on the policy.")
     data: PromptDataConfig = section(PromptDataConfig, "The prompts (other columns reach reward functions).")
     training: TrainingConfig = section(TrainingConfig, "Optimisation, logging and checkpoints.")
-    generation: GenerationConfig = section(GenerationConfig, "Sampling of responses.")
+    generation: OnlineGenerationConfig = section(OnlineGenerationConfig, "Sampling of responses.")
     reward: RewardConfig = section(RewardConfig, "What scores a response.")
     environment: EnvironmentConfig = section(EnvironmentConfig, "Tools the policy calls mid-response (a text environment).")
     rloo: RLOOOptions = section(RLOOOptions, "Groups, the leave-one-out baseline and the KL.")

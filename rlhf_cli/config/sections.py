@@ -148,6 +148,23 @@ class GenerationConfig:
 
 
 @dataclass
+class OnlineGenerationConfig(GenerationConfig):
+    """Sampling in the online stages (ppo, grpo, rloo): the settings above, and which engine samples."""
+
+    backend: str = option(
+        "hf",
+        "What samples the rollouts: `hf` (transformers' `generate` on the policy being trained) or `vllm` (a vLLM "
+        "engine beside training on each GPU, weights synced before each rollout; needs `pip install "
+        "'rlhf-cli[vllm]'` and a CUDA GPU; docs/online.md).",
+        choices=("hf", "vllm"),
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "With backend vllm: the fraction of each GPU's memory the vLLM engine may take (weights and KV cache).",
+        greater_than=0.0, max=1.0,
+    )
+
+
+@dataclass
 class RewardSourceConfig:
     model: str | None = option(
         None,

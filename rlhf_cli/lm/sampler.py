@@ -5,7 +5,8 @@ tokens as sampled". The trainer repeats each query for the responses per prompt 
 sampled tokens' log-probs -- and the value head's values when the policy has one -- from
 generate's own forward passes (lm/generation.py `sample_with_logprobs`), so the update needs no
 second forward of the policy over the rollout. Another backend (e.g. vLLM) is one more class with
-the same `sample`, and `weights_updated` to reload the policy's weights after an optimizer step.
+the same `sample`, and `weights_updated` to reload the policy's weights after an optimizer step: `VLLMSampler`
+(lm/vllm_sampler.py, `generation.backend: vllm`).
 """
 
 from __future__ import annotations
@@ -54,3 +55,12 @@ class HFSampler(Sampler):
             if self.captures:
                 return sample_with_logprobs(policy, value_head, q, m, self.temperature)
             return sample_responses(policy, q, m), None, None
+
+
+def make_sampler(model, gen, stop_id: int | None, max_prompt_length: int, accelerator, seed: int) -> Sampler:
+    """The Sampler `generation.backend` names (`gen` a GenerationConfig; the eval's has no backend: hf)."""
+    if getattr(gen, "backend", "hf") == "vllm":
+        from rlhf_cli.lm.vllm_sampler import VLLMSampler  # vllm is imported only when asked for
+
+        return VLLMSampler(model, gen, stop_id, max_prompt_length, accelerator, seed)
+    return HFSampler(model, gen.temperature, accelerator)

@@ -21,7 +21,7 @@ from rlhf_cli.lm.forward import model_inputs, response_slice, supports_logits_to
 from rlhf_cli.lm.generation import encode_prompts, install_sampling_config, left_pad, stop_token_id
 from rlhf_cli.lm.head import TokenStats, read_tokens
 from rlhf_cli.lm.masking import lengths_to_mask, trailing_pad_lengths, truncate_after_stop
-from rlhf_cli.lm.sampler import HFSampler
+from rlhf_cli.lm.sampler import make_sampler
 from rlhf_cli.models.policy import reference_mode
 from rlhf_cli.models.value_head import PolicyWithValue
 from rlhf_cli.online.alarms import AlarmMonitor
@@ -66,7 +66,8 @@ class OnlineTrainer:
         self.reference_keeps_logits = not self.encoder_decoder and supports_logits_to_keep(
             self.reference if self.reference is not None else unwrapped.policy)
         install_sampling_config(unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
-        self.sampler = HFSampler(unwrapped, self.temperature, accelerator)
+        self.sampler = make_sampler(unwrapped, config.generation, self.stop_id, config.data.max_prompt_length,
+                                    accelerator, config.training.seed)
         self.environment = None  # a TextEnvironment (environments/rollout.py): multi-turn episodes with tools
         self.episode = 0
 
@@ -270,6 +271,7 @@ class OnlineTrainer:
 
         # 3. The update: epochs x mini-batches of micro-batches (online/updater.py)
         update_stats = self.updater.update(exp, self.algorithm, self._policy_forward)
+        self.sampler.weights_updated()  # a sampler with its own copy of the weights re-reads them before sampling
 
         # 4. After the update (adaptive KL), statistics
         self.algorithm.finish(exp, self, stats)
