@@ -10,8 +10,9 @@
 # script goes on):
 #   1. tests   pytest -m gpu: the subset that matters on a GPU (bf16/fp16 paths, the chunked LM head,
 #              CUDA-only checks that skip on a CPU)
-#   2. ppo     the PPO quickstart (from builtin:small-gpt2) for a few iterations in bf16 (generation backend hf; vllm: no vLLM
-#              Sampler exists yet, so it is reported as skipped)
+#   2. ppo     the PPO quickstart (from builtin:small-gpt2) for a few iterations in bf16, generation backend hf;
+#      ppo_vllm   the same with generation.backend vllm, when vllm imports here and a CUDA GPU is present (vLLM and
+#              its dependencies are installed beforehand: they are far larger than what travels as wheels)
 #   3. memory  bench/memory.py: peak memory against vocabulary and length (torch's peak allocation on a GPU),
 #              against TRL when its wheels were carried
 #   4. speed   bench/ppo.py: PPO seconds per iteration against TRL 1.12 (only when its wheels were carried)
@@ -82,6 +83,11 @@ step tests 240 "$python" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$ou
 step ppo 180 "$python" -m rlhf_cli ppo configs/quickstart-ppo-sentiment.yaml --overwrite \
   --output-dir "$out/ppo-bf16" --set model.model_name_or_path=builtin:small-gpt2 --set training.bf16=true \
   --set "ppo.total_episodes=$episodes" --set training.save_steps=1000
+if "$python" -c "import torch, vllm; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+  step ppo_vllm 240 "$python" -m rlhf_cli ppo configs/quickstart-ppo-sentiment.yaml --overwrite \
+    --output-dir "$out/ppo-bf16-vllm" --set model.model_name_or_path=builtin:small-gpt2 --set training.bf16=true \
+    --set "ppo.total_episodes=$episodes" --set training.save_steps=1000 --set generation.backend=vllm
+fi
 # shellcheck disable=SC2086  # the size lists are words on purpose
 step memory 240 "$python" bench/memory.py $trl_flag --vocab $vocab --lengths $lengths
 if [ -z "$trl_flag" ]; then
@@ -105,9 +111,9 @@ def last_json(name):  # the benchmarks end with ONE JSON line
     lines = [l for l in log.read_text().splitlines() if l.startswith("{")] if log.exists() else []
     return json.loads(lines[-1]) if lines else None
 
-def ppo_run():
-    rows = [json.loads(l) for l in (out / "ppo-bf16" / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "ppo-bf16" / "metrics.jsonl").exists() else []
+def ppo_run(folder):
+    metrics = out / folder / "metrics.jsonl"
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
     rows = [r for r in rows if "time/update_s" in r]
     return {"iterations": len(rows), "scores": [r["objective/scores"] for r in rows],
             "s_per_iteration": [round(r["time/generate_s"] + r["time/score_s"] + r["time/update_s"], 3) for r in rows]}
@@ -115,7 +121,8 @@ def ppo_run():
 summary = {
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "dry_run": dry,
     "torch": torch.__version__, "wall_s": int(time.time()) - started, "steps": steps,
-    "ppo_bf16": {"hf": ppo_run(), "vllm": "skipped: no vLLM Sampler exists yet (issue #16)"},
+    "ppo_bf16": {"hf": ppo_run("ppo-bf16"), "vllm": ppo_run("ppo-bf16-vllm") if "ppo_vllm" in steps
+                 else "skipped: vllm does not import here, or no CUDA GPU"},
     "memory": last_json("memory"), "speed": last_json("speed") if "speed" in steps else "skipped: no TRL wheels carried",
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
