@@ -13,12 +13,14 @@ from accelerate.commands.config.config_args import ClusterConfig
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 # The configs a CPU can launch, and the processes each says it starts; the GPU ones (multi_gpu,
-# deepspeed_zero2, fsdp) are launched by the GPU check script instead; fsdp_cpu.yaml by tests/test_fsdp.py.
+# deepspeed_zero2, deepspeed_zero3, fsdp) need GPUs; fsdp_cpu.yaml is launched by tests/test_fsdp.py, and
+# deepspeed_zero2_cpu.yaml, deepspeed_zero3_cpu.yaml by tests/test_deepspeed.py.
 CPU_LAUNCHES = {"cpu_ddp.yaml": 2, "single_gpu.yaml": 1}
 
 
 def test_there_are_launch_configs():
-    assert {p.stem for p in CONFIGS} >= {"single_gpu", "multi_gpu", "cpu_ddp", "deepspeed_zero2", "fsdp"}
+    assert {p.stem for p in CONFIGS} >= {"single_gpu", "multi_gpu", "cpu_ddp", "deepspeed_zero2", "deepspeed_zero3",
+                                         "fsdp", "fsdp_cpu", "deepspeed_zero2_cpu", "deepspeed_zero3_cpu"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -15,7 +15,6 @@ RNG, so a run resumed at an epoch boundary samples and shuffles exactly as the u
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -27,7 +26,7 @@ from rlhf_cli.diffusion.advantages import PerPromptStatTracker, batch_advantages
 from rlhf_cli.diffusion.loss import clipped_loss, score_function_loss
 from rlhf_cli.diffusion.sampling import Trajectory, cat_trajectories, sample_trajectories, step_log_probs
 from rlhf_cli.training.optim import make_optimizer, make_scheduler
-from rlhf_cli.training.optimizer_step import optimizer_step
+from rlhf_cli.training.optimizer_step import micro_batch, optimizer_step
 
 
 class NonFiniteUpdate(Exception):
@@ -136,7 +135,7 @@ class DDPOTrainer:
                     # c of the images' selected steps in one UNet call: (c * n,) rows, step j first for all
                     c = min(chunk, per_image - j)
                     last = closes_step and j + c == per_image
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet)
+                    sync = micro_batch(self.accelerator, self.unet, last)
                     with sync:
                         loss, stats = self._loss(traj, advantages, rows.repeat(c), steps[rows, j : j + c].T.flatten())
                         # the mean over c steps' rows, weighted as c separate per-step means would be

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.lm.sampler import Sampler
-from rlhf_cli.training.sharding import is_sharded
+from rlhf_cli.training.sharding import params_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,11 @@ def check_vllm_backend(accelerator, model) -> None:
     if model.is_encoder_decoder:
         raise UserError("generation.backend: vllm samples causal LMs only; this policy is an encoder-decoder model "
                         f"({model.policy.config.model_type}); use backend hf.")
-    if is_sharded(accelerator) or accelerator.distributed_type.name == "DEEPSPEED":
-        raise UserError(f"generation.backend: vllm runs beside single-process or data-parallel training; under "
-                        f"{accelerator.distributed_type.name} the weights would have to be gathered for every push, "
-                        "which is not built yet; use backend hf, or launch with data parallel.")
+    if params_partitioned(accelerator):
+        raise UserError(f"generation.backend: vllm runs beside training whose processes hold whole weights (one "
+                        f"process, data parallel, ZeRO-2); under {accelerator.distributed_type.value} with sharded "
+                        "parameters they would have to be gathered for every push, which is not built yet; use "
+                        "backend hf, or launch with data parallel.")
 
 
 def checkpoint_weights(policy) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,7 +3,6 @@ each), micro-batches (gradient accumulation), clipping, the NaN/inf policy and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.lm.head import TokenStats
 from rlhf_cli.online.algorithm import Algorithm, MicroBatch
 from rlhf_cli.online.experience import Experience
-from rlhf_cli.training.optimizer_step import optimizer_step
+from rlhf_cli.training.optimizer_step import micro_batch, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class Updater:
                 all_tokens = accelerator.reduce(local_tokens.clone(), "sum")
                 loss_tokens = all_tokens.clamp_min(1) / accelerator.num_processes
                 for a, idx in enumerate(micro_batches):
-                    sync = contextlib.nullcontext() if a == len(micro_batches) - 1 else accelerator.no_sync(self.model)
+                    sync = micro_batch(accelerator, self.model, last=a == len(micro_batches) - 1)
                     with sync, accelerator.autocast():
                         stats, n = self._micro_step(exp, idx, algorithm, forward, (loss_tokens, local_tokens),
                                                     len(mini_idx))

@@ -27,7 +27,7 @@ from rlhf_cli.training.output import (
     write_run_files,
 )
 from rlhf_cli.training.progress import setup_logging
-from rlhf_cli.training.sharding import is_sharded
+from rlhf_cli.training.sharding import is_sharded, zero_stage
 from rlhf_cli.training.trackers import close_trackers, start_trackers
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ def start_run(stage: str, config: Any, resume: bool, overwrite: bool, allow_conf
         if is_sharded(accelerator):
             log.info("FSDP %d: parameters, gradients and optimizer state sharded over %d processes",
                      accelerator.state.fsdp_plugin.fsdp_version, accelerator.num_processes)
+        if zero_stage(accelerator):
+            log.info("DeepSpeed ZeRO-%d: %s sharded over %d processes", zero_stage(accelerator),
+                     "parameters, gradients and optimizer state" if zero_stage(accelerator) == 3
+                     else "gradients and optimizer state", accelerator.num_processes)
         for warning in launch_warnings(accelerator, stage):
             log.warning(warning)
     # the trackers write into the folder, so they start once it is ready (--overwrite has emptied it)

@@ -20,7 +20,7 @@ from rlhf_cli.models.policy import is_encoder_decoder
 from rlhf_cli.stages.common import finish_run, record_model, start_run
 from rlhf_cli.training.loop import train_loop
 from rlhf_cli.training.samples import generate_responses, write_samples
-from rlhf_cli.training.sharding import full_model_state, is_sharded, lockstep_batches
+from rlhf_cli.training.sharding import full_model_state, lockstep_batches, params_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,9 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     )
 
     # 6. A few samples from held-out prompts, and the final model at the top of output_dir
-    # (under FSDP generating and gathering the weights are collectives: every process takes part)
+    # (under FSDP and ZeRO-3 generating and gathering the weights are collectives: every process takes part)
     final_model = accelerator.unwrap_model(state["model"])
-    if accelerator.is_main_process or is_sharded(accelerator):
+    if accelerator.is_main_process or params_partitioned(accelerator):
         log_samples(final_model, tokenizer, test_raw if test_raw is not None else train_raw, config.data,
                     run_.output_dir, state["step"], write=accelerator.is_main_process)
     gathered = full_model_state(accelerator, state["model"])

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    set_seed,
+)
 
 from rlhf_cli.config.sections import TrainingConfig
 from rlhf_cli.errors import UserError
@@ -36,6 +42,12 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
     (training/trackers.py); tensorboard writes under <output_dir>/tensorboard."""
     precision = mixed_precision(training)
     cpu = not torch.cuda.is_available()
+    if cpu and asked_for("ACCELERATE_USE_DEEPSPEED"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        if PartialState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED:
+            # an earlier stage in this process (a recipe) switched it; the new Accelerator must start from what
+            # accelerate chose (it would look for a DeepSpeed plugin that is not set up yet)
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
@@ -44,6 +56,10 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
     )
     if cpu and asked_for("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1:
         shard_on_cpu(accelerator)
+    if cpu and asked_for("ACCELERATE_USE_DEEPSPEED") and accelerator.num_processes > 1:
+        deepspeed_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin, training)
     set_seed(training.seed)
     return accelerator
 
@@ -70,20 +86,54 @@ def shard_on_cpu(accelerator: Accelerator) -> None:
     accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def deepspeed_on_cpu(accelerator: Accelerator) -> None:
+    """DeepSpeed ZeRO on CPU processes, as the launcher's config asks (DeepSpeed's CPU accelerator over the
+    processes' gloo group): accelerate applies DeepSpeed on accelerators only. As `shard_on_cpu`, the state is
+    switched before anything is prepared, with the plugin read from the launcher's ACCELERATE_DEEPSPEED_*
+    variables, as accelerate reads it on GPUs (tests/test_deepspeed.py: equal to DDP's results)."""
+    try:
+        import deepspeed.comm
+    except ImportError as error:
+        raise UserError(f"the launcher asks for DeepSpeed, which is not installed here ({error}); "
+                        "pip install 'rlhf-cli[deepspeed]', or launch without it.") from error
+    deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # joins the processes' group
+    plugin = DeepSpeedPlugin()
+    if plugin.zero_stage not in (2, 3):
+        raise UserError(f"DeepSpeed on CPU processes: rlhf runs ZeRO stage 2 or 3 there, not {plugin.zero_stage} "
+                        "(zero_stage in the accelerate config).")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.deepspeed_plugins = {"default": plugin}
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(plugin: DeepSpeedPlugin, training: TrainingConfig) -> None:
+    """What the training loop decides itself, written into DeepSpeed's config (GPUs and CPUs alike): one
+    micro-batch of per_device_train_batch_size per engine backward, accumulation left to the loop (it marks
+    the step boundary: training/optimizer_step.py `micro_batch`), clipping at training.max_grad_norm, and
+    ZeRO-3's weights gathered whole when a model is saved."""
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = training.per_device_train_batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = training.max_grad_norm
+    config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
 ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
-# The stages whose path under each engine has run: FSDP 2 on CPU processes, against DDP, with resume
-# (tests/test_fsdp.py). The others' (parameters gathered around generate, the engine's own step and
-# gradient norm, sharded checkpoints) have not.
-TESTED_UNDER = {"FSDP": ("sft", "reward", "dpo", "ppo", "grpo", "rloo")}
+# The stages whose path under each engine has run: FSDP 2 and DeepSpeed ZeRO-2/3 on CPU processes, against
+# DDP, with resume (tests/test_fsdp.py, tests/test_deepspeed.py). ddpo's (a diffusers UNet) has not.
+TESTED_UNDER = {"FSDP": ("sft", "reward", "dpo", "ppo", "grpo", "rloo"),
+                "DeepSpeed": ("sft", "reward", "dpo", "ppo", "grpo", "rloo")}
 # What `accelerate launch` exports when its config asks for an engine; accelerate applies either on GPUs
-# only (rlhf applies FSDP to CPU processes itself: `shard_on_cpu`).
+# only (rlhf applies them to CPU processes itself: `shard_on_cpu`, `deepspeed_on_cpu`).
 LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
 
 
 def launch_warnings(accelerator: Accelerator, stage: str) -> list[str]:
     """What a user should know about how the run was launched, said at start-up instead of found out later:
     an engine rlhf has not been tested under for this stage, an engine the launcher asked for that is not
-    applied (DeepSpeed on CPU), and a launcher's mixed precision that the config overrides
+    applied (one process), and a launcher's mixed precision that the config overrides
     (`accelerate launch` exports its config's `mixed_precision`; training.bf16 / training.fp16 decide)."""
     warnings = []
     engine = ENGINES.get(accelerator.distributed_type)
@@ -93,10 +143,9 @@ def launch_warnings(accelerator: Accelerator, stage: str) -> list[str]:
                         "generation with sharded parameters, checkpoints and resume may fail.")
     for variable, asked in LAUNCHER_ENGINES.items():
         if asked_for(variable) and engine != asked:
-            why = "it applies DeepSpeed on GPUs only" if asked == "DeepSpeed" else "one process has nothing to shard with"
             warnings.append(f"the launcher asks for {asked}, but accelerate runs this as {accelerator.distributed_type.value} "
-                            f"({accelerator.num_processes} process(es) on {accelerator.device.type}): {why}, so every "
-                            "process holds the whole model.")
+                            f"({accelerator.num_processes} process(es) on {accelerator.device.type}): one process has "
+                            "nothing to shard with, so it holds the whole model.")
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", accelerator.mixed_precision):
         warnings.append(f"the launcher asks for mixed precision {launcher!r}, but this run uses "

@@ -4,7 +4,9 @@ A checkpoint `checkpoint-<step>/` holds:
     model/                      the model in Hugging Face format (a PEFT adapter folder for adapters)
     <name>.safetensors          extra modules (e.g. a value head)
     optimizer.pt, scheduler.pt  optimizer/scheduler state (tensors and numbers only; loaded weights_only);
-                                under FSDP the whole optimizer state keyed by parameter name
+                                under FSDP the whole optimizer state keyed by parameter name; under
+                                DeepSpeed only which ZeRO stage and how many processes wrote the checkpoint:
+    deepspeed/                  (DeepSpeed only) the engine's own checkpoint, each process's optimizer shard
     rng_state_<rank>.json/.safetensors   Python/NumPy and torch RNG states of every process
     trainer_state.json          step counters, data position, controller state; written last
 
@@ -41,11 +43,13 @@ from rlhf_cli.training.sharding import (
     load_full_model_state,
     load_optimizer_state,
     optimizer_state,
+    zero_stage,
 )
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -102,9 +106,13 @@ def save_checkpoint(
     rank = accelerator.process_index
     (tmp / f"rng_state_{rank}.json").write_text(json.dumps(plain))
     save_file(tensors, tmp / f"rng_state_{rank}.safetensors")
-    gathered = full_model_state(accelerator, model)  # FSDP: the whole weights (collective); else None
+    gathered = full_model_state(accelerator, model)  # FSDP, ZeRO-3: the whole weights (collective); else None
     gathered_extra = {name: full_model_state(accelerator, module) for name, module in (extra_modules or {}).items()}
-    optimizer_saved = optimizer_state(accelerator, trained or model, optimizer)
+    if zero_stage(accelerator):  # the engine writes its sharded optimizer state itself, every process its part
+        accelerator.deepspeed_engine_wrapped.engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        optimizer_saved = {"deepspeed": _deepspeed_engine(accelerator)}
+    else:
+        optimizer_saved = optimizer_state(accelerator, trained or model, optimizer)
     if accelerator.is_main_process:
         save_model_folder(accelerator.unwrap_model(model), tmp / "model", tokenizer, gathered)
         for name, module in (extra_modules or {}).items():
@@ -354,6 +362,18 @@ def _keep_config_hyperparameters(optimizer, scheduler, fresh_groups: list[dict],
     scheduler._last_lr = lrs
 
 
+def _deepspeed_engine(accelerator) -> dict[str, int] | None:
+    """What a DeepSpeed checkpoint can be resumed under: the same ZeRO stage on as many processes."""
+    stage = zero_stage(accelerator)
+    return {"zero_stage": stage, "processes": accelerator.num_processes} if stage else None
+
+
+def _described(engine: dict[str, int] | None) -> str:
+    if engine is None:
+        return "without DeepSpeed"
+    return f"under DeepSpeed ZeRO-{engine['zero_stage']} on {engine['processes']} processes"
+
+
 def load_checkpoint(
     path: Path, accelerator, model, optimizer, scheduler, extra_modules: dict[str, torch.nn.Module] | None = None,
     trained: torch.nn.Module | None = None,
@@ -362,19 +382,34 @@ def load_checkpoint(
 
     The optimizer's hyperparameters (learning rate, betas, eps, weight decay) are the config's, not the
     checkpoint's: see _keep_config_hyperparameters."""
-    load_weights_into(model, path / "model", accelerator)
+    # taken first: DeepSpeed's checkpoint restores its optimizer's hyperparameters with its state
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs) if hasattr(scheduler, "base_lrs") else None
+    optimizer_saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    running = _deepspeed_engine(accelerator)
+    written = optimizer_saved.get("deepspeed") if isinstance(optimizer_saved, dict) else None
+    if written != running:
+        raise UserError(f"{path} was written {_described(written)}, and this run is {_described(running)}: "
+                        "resume it as it was launched (the same accelerate config), or start a new run "
+                        "(--overwrite or another --output-dir).")
+    if running is None:
+        load_weights_into(model, path / "model", accelerator)
+    else:  # the engine's own checkpoint holds the weights and this process's part of the optimizer state
+        accelerator.deepspeed_engine_wrapped.engine.load_checkpoint(
+            str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    engine_held = {id(p) for p in accelerator.unwrap_model(trained or model).parameters()} if running else set()
     for name, module in (extra_modules or {}).items():
+        if engine_held and all(id(p) in engine_held for p in module.parameters()):
+            continue  # part of the engine's module: its checkpoint has restored it
         try:
             missing, unexpected = load_full_model_state(accelerator, module, load_file(path / f"{name}.safetensors"))
             if missing or unexpected:
                 raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         except RuntimeError as err:
             raise _mismatch(path / f"{name}.safetensors", str(err).splitlines()[0]) from None
-    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    fresh_base_lrs = list(scheduler.base_lrs) if hasattr(scheduler, "base_lrs") else None
     try:
-        load_optimizer_state(accelerator, trained or model, optimizer,
-                             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if running is None:
+            load_optimizer_state(accelerator, trained or model, optimizer, optimizer_saved)
     except (ValueError, RuntimeError) as err:  # another number or shape of trainable parameters
         raise _mismatch(path / "optimizer.pt", str(err).splitlines()[0]) from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -6,7 +6,6 @@ checkpoint. The data order is a pure function of (seed, micro-batch index), so a
 step s sees exactly the batches an uninterrupted run sees after s.
 """
 
-import contextlib
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.optim import make_optimizer, make_scheduler, total_steps
-from rlhf_cli.training.optimizer_step import optimizer_step
+from rlhf_cli.training.optimizer_step import micro_batch, optimizer_step
 from rlhf_cli.training.progress import StepProgress
 from rlhf_cli.training.sharding import check_shardable
 
@@ -187,7 +186,7 @@ def train_loop(
         step_sums: dict[str, float] = {}
         step_loss = torch.zeros((), device=accelerator.device)
         for j, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(model)
+            sync = micro_batch(accelerator, model, last=j == accum - 1)
             with sync, accelerator.autocast():
                 loss_sum, sums = objective.loss(model, batch)
                 accelerator.backward(loss_sum * scale)

@@ -13,10 +13,12 @@ Two regimes, because "the gradient is not finite" means different things in each
   the caller decides to stop or skip the batch.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
 from rlhf_cli.training.sharding import is_sharded, whole
@@ -46,11 +48,36 @@ def gradient_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """Around one micro-batch's forward and backward: the last of an optimizer step's micro-batches syncs the
+    gradients; the earlier ones accumulate locally (DDP's `no_sync`). DeepSpeed's engine reduces, clips and
+    steps inside the backward of a micro-batch that accelerate marks as a step boundary (`sync_gradients`),
+    so there the earlier micro-batches are marked as not one."""
+    if last:
+        yield
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
 def optimizer_step(accelerator, optimizer, params, max_grad_norm: float) -> StepOutcome:
     """Clip (when `max_grad_norm` > 0), then step unless the gradient is NaN/inf; one host sync.
 
     The caller zeroes the gradients afterwards. With data parallelism the gradients are already
-    all-reduced, so every process reaches the same decision."""
+    all-reduced, so every process reaches the same decision. Under DeepSpeed the engine has already
+    clipped (at the config's max_grad_norm, written into its config) and stepped in the last
+    micro-batch's backward; this reads the norm it took, and a NaN/inf one is a fault (the run stops)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return StepOutcome(norm, applied=norm is None or math.isfinite(norm))
     if is_sharded(accelerator):
         # the parameters the optimizer holds: under FSDP the module's registered ones can be other objects at this
         # point (a PPO policy with a separate critic, or a T5 policy, listed none of the optimizer's: nothing was

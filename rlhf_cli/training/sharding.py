@@ -1,11 +1,13 @@
-"""Models whose parameters are sharded between processes (FSDP 2): their weights and optimizer state
-gathered into plain tensors for the files rlhf writes (Hugging Face folders, checkpoints), and put
-back on resume; the evaluation batches every process must run in step.
+"""Models whose parameters are sharded between processes (FSDP 2, DeepSpeed ZeRO-3): their weights and
+optimizer state gathered into plain tensors for the files rlhf writes (Hugging Face folders, checkpoints),
+and put back on resume; the evaluation batches every process must run in step.
 
-Under FSDP each parameter is a DTensor holding this process's shard, and every forward gathers the
-whole parameters of a block from all processes: whatever reads weights or runs a forward is a
-collective, so every process calls it, the same number of times. Under DDP (or one process) every
-function here is the plain operation, so the files and figures are unchanged.
+Under FSDP each parameter is a DTensor holding this process's shard; under ZeRO-3 each parameter is empty
+outside the forward of its module, its shard held by DeepSpeed. Either way every forward gathers the whole
+parameters of a block from all processes: whatever reads weights or runs a forward is a collective, so
+every process calls it, the same number of times. Under DDP and ZeRO-2 (or one process) every function
+here is the plain operation, so the files and figures are unchanged. (DeepSpeed's optimizer state, sharded
+under ZeRO-2 as well, is checkpointed by DeepSpeed itself: training/checkpoint.py.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,24 @@ GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def is_sharded(accelerator) -> bool:
+    """FSDP (torch's sharded tensors and state-dict functions apply)."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed's ZeRO stage; 0 when DeepSpeed is not the engine."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def params_partitioned(accelerator) -> bool:
+    """Every forward and every read of a weight is a collective: FSDP or ZeRO-3."""
+    return is_sharded(accelerator) or zero_stage(accelerator) == 3
+
+
+def is_zero3_param(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_id")
 
 
 def check_shardable(accelerator, model) -> None:
@@ -49,13 +68,22 @@ def check_shardable(accelerator, model) -> None:
 def full_model_state(accelerator, model) -> dict[str, torch.Tensor] | None:
     """The model's whole state dict on the main process (None elsewhere); None everywhere when the model is
     not sharded (its own state_dict is whole: the caller saves it as it is). Collective under FSDP."""
-    if not is_sharded(accelerator):
+    if not params_partitioned(accelerator):
         return None
     module = accelerator.unwrap_model(model)
-    state = get_model_state_dict(module, options=GATHER)
+    if zero_stage(accelerator) == 3:  # the module (the engine's, or a part of it) whole on every process, copied
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
+                if accelerator.is_main_process else None
+    else:
+        state = get_model_state_dict(module, options=GATHER)
+    if not accelerator.is_main_process:
+        return None
     for name in tied_aliases(module):  # gathered copies are separate tensors: save_pretrained would keep both
         state.pop(name, None)
-    return state if accelerator.is_main_process else None
+    return state
 
 
 def tied_aliases(module: torch.nn.Module) -> list[str]:
@@ -120,7 +148,9 @@ def synced_generation(model) -> bool | None:
     """`generate`'s `synced_gpus`: True for a model with FSDP-sharded parts, whose every decoding step is a
     collective (a process whose rows all stopped keeps stepping until every process's have); None elsewhere,
     leaving transformers' own choice (it detects DeepSpeed ZeRO-3, and FSDP only where it sharded the model)."""
-    return True if any(isinstance(m, FSDPModule) for m in model.modules()) else None
+    if any(isinstance(m, FSDPModule) for m in model.modules()) or any(is_zero3_param(p) for p in model.parameters()):
+        return True
+    return None
 
 
 @contextmanager
@@ -141,16 +171,23 @@ def root_gathered(model):
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A parameter or gradient as one plain tensor (collective for a DTensor)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """A parameter or gradient as one plain tensor (collective for a DTensor or a ZeRO-3 parameter)."""
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    if is_zero3_param(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor
 
 
 def lockstep_batches(rows: list[int], batch_size: int, accelerator) -> list[tuple[list[int], int]]:
     """This process's rows in batches, as (row indices, how many of them are real). Under FSDP every process
-    must run as many forwards as the others, so a process with fewer batches runs extra ones of its first row
-    (real count 0) whose results the caller drops."""
+    must run as many forwards as the others (also ZeRO-3), so a process with fewer batches runs extra ones of its
+    first row (real count 0) whose results the caller drops."""
     batches = [(rows[i : i + batch_size], len(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
-    if not is_sharded(accelerator):
+    if not params_partitioned(accelerator):
         return batches
     most = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())
     filler = rows[:1] or [0]

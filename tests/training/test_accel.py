@@ -8,8 +8,8 @@ from accelerate.utils import DistributedType
 from rlhf_cli.training.accel import launch_warnings
 
 
-def accelerator(engine=DistributedType.NO, precision="no"):
-    return SimpleNamespace(distributed_type=engine, mixed_precision=precision, num_processes=2,
+def accelerator(engine=DistributedType.NO, precision="no", processes=2):
+    return SimpleNamespace(distributed_type=engine, mixed_precision=precision, num_processes=processes,
                            device=SimpleNamespace(type="cpu"))
 
 
@@ -19,16 +19,17 @@ def no_launcher(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
 
 
-@pytest.mark.parametrize("engine, name, stage", [(DistributedType.DEEPSPEED, "DeepSpeed", "sft"),
+@pytest.mark.parametrize("engine, name, stage", [(DistributedType.DEEPSPEED, "DeepSpeed", "ddpo"),
                                                  (DistributedType.FSDP, "FSDP", "ddpo")])
 def test_an_untested_engine_is_said_at_start_up(engine, name, stage, monkeypatch):
     (warning,) = launch_warnings(accelerator(engine), stage)
     assert warning.startswith(f"{name}: rlhf {stage} has not been tested under {name}")
 
 
+@pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED])
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo", "rloo"])
-def test_stages_tested_under_fsdp_say_nothing(stage):
-    assert launch_warnings(accelerator(DistributedType.FSDP), stage) == []
+def test_stages_tested_under_an_engine_say_nothing(engine, stage):
+    assert launch_warnings(accelerator(engine), stage) == []
 
 
 @pytest.mark.parametrize("engine", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
@@ -49,10 +50,11 @@ def test_a_launcher_that_agrees_or_asks_for_nothing_says_nothing(launcher, run, 
 
 
 def test_an_engine_the_launcher_asked_for_but_accelerate_did_not_apply_is_said(monkeypatch):
-    """On CPU, accelerate runs a DeepSpeed launch as plain data-parallel processes."""
+    """A DeepSpeed launch of one process runs as a plain process."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    (warning,) = launch_warnings(accelerator(DistributedType.MULTI_CPU), "sft")
-    assert warning.startswith("the launcher asks for DeepSpeed, but accelerate runs this as MULTI_CPU (2 process(es) on cpu)")
+    (warning,) = launch_warnings(accelerator(DistributedType.NO, processes=1), "sft")
+    assert warning.startswith("the launcher asks for DeepSpeed, but accelerate runs this as NO (1 process(es) on cpu)")
+    assert warning.endswith("one process has nothing to shard with, so it holds the whole model.")
 
 
 def test_an_engine_that_was_applied_is_only_said_untested(monkeypatch):
