@@ -73,7 +73,8 @@ def optimizer_step(accelerator, optimizer, params, max_grad_norm: float) -> Step
     The caller zeroes the gradients afterwards. With data parallelism the gradients are already
     all-reduced, so every process reaches the same decision. Under DeepSpeed the engine has already
     clipped (at the config's max_grad_norm, written into its config) and stepped in the last
-    micro-batch's backward; this reads the norm it took, and a NaN/inf one is a fault (the run stops)."""
+    micro-batch's backward, or skipped a step with a NaN/inf norm (not in bf16, where it does not
+    check); this reads the norm it took, and a NaN/inf one is reported as a step not applied."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         norm = None if norm is None else float(norm)
