@@ -314,10 +314,18 @@ def build_tiny_pipeline(seed: int = 0, cache: bool = True, recipe: Recipe = RECI
     if cache and (folder / "model_index.json").is_file():
         return load_pipeline(folder)
     pipe = train_pipeline(seed, recipe)
-    if not cache:
-        return pipe
+    if not cache or not _writes_weights():
+        return pipe  # (the same weights the process of rank 0 caches: training is seeded)
     _save_atomically(pipe, folder)
     return load_pipeline(folder)  # what every later run loads: the first run must not differ from them
+
+
+def _writes_weights() -> bool:
+    """transformers' `save_pretrained` writes no weights in a process of rank > 0 of a process group (a
+    multi-process launch): such a folder lacks its text encoder's weights, and had it won the rename to the
+    cache, every later run would fail to load it. The process of rank 0 writes the cache."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
 
 def tiny_pipeline_folder(seed: int = 0, recipe: Recipe = RECIPE) -> Path:

@@ -26,6 +26,7 @@ from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import nonfinite_message
 from rlhf_cli.training.progress import StepProgress
+from rlhf_cli.training.sharding import zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     # 1. Output folder, accelerator, logging
     run_ = start_run("ddpo", config, resume, overwrite)
     accelerator = run_.accelerator
+    if zero_stage(accelerator) == 3:  # seen: the pipeline's CLIP text encoder loaded with empty position tables
+        raise UserError("DeepSpeed ZeRO-3: rlhf ddpo does not run under it yet (the pipeline's text encoder loads "
+                        "partitioned and unusable); launch with ZeRO-2 or data parallel.")
 
     # 2. The pipeline (any LoRA weights given fused in), the reward, the prompts; eval mode ends here
     pipe = load_pipeline(config.model.model_name_or_path)

@@ -83,6 +83,24 @@ def test_second_build_loads_from_the_cache(cache, monkeypatch):
     assert image_pipeline.cache_folder(1, FAST) != cache != image_pipeline.cache_folder(0)
 
 
+def test_a_process_of_rank_above_0_does_not_write_the_cache(tmp_path, monkeypatch):
+    """In a multi-process launch transformers writes no weights from a rank above 0: its folder would lack the
+    text encoder's weights, and once renamed into the cache every later run failed to load it (seen under
+    `accelerate launch` of `rlhf ddpo` with two processes). Only rank 0 writes it; the others keep theirs."""
+    from image_pipelines import untrained_pipeline
+
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
+    monkeypatch.setattr(image_pipeline, "train_pipeline", lambda seed, recipe: untrained_pipeline())
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    pipe = image_pipeline.build_tiny_pipeline(seed=0, recipe=FAST)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert not image_pipeline.cache_folder(0, FAST).exists()
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    image_pipeline.build_tiny_pipeline(seed=0, recipe=FAST)
+    assert (image_pipeline.cache_folder(0, FAST) / "text_encoder" / "model.safetensors").is_file()
+
+
 def test_samples_follow_their_prompt(cache):
     pipe = image_pipeline.load_pipeline(cache)
     prompts = [p for p in PROMPTS for _ in range(8)]
