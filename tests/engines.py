@@ -135,6 +135,16 @@ def weight_mismatches(a: Path, b: Path) -> list[str]:
             if x[key].shape != y[key].shape or not torch.allclose(x[key], y[key], atol=WEIGHTS_ATOL, rtol=0)]
 
 
+def assert_sft_and_ppo_resume_exactly(engine: str, runs: Path) -> None:
+    """SFT and PPO cut back to a half-way checkpoint and resumed under `engine` give the uninterrupted run's
+    metrics and final weights bit for bit (the same engine on the same machine)."""
+    for name, stage, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1)):
+        uninterrupted = metrics(runs / name)
+        final = {file: (runs / name / file).read_bytes() for file in RUNS[name][3]}
+        assert resume_from_halfway(engine, runs / name, stage, halfway) == uninterrupted, name
+        assert {file: (runs / name / file).read_bytes() for file in final} == final, name
+
+
 def resume_from_halfway(engine: str, output_dir: Path, stage: str, halfway: int) -> list[dict]:
     """Cut the finished run back to checkpoint-<halfway> (later checkpoints and the final model gone),
     resume it under `engine`, and return its metrics."""

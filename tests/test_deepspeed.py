@@ -9,12 +9,11 @@ import pytest
 import torch
 from engines import (
     RUNS,
+    assert_sft_and_ppo_resume_exactly,
     ddp_runs,
     launch,
     launched,
-    metrics,
     mismatches_with_ddp,
-    resume_from_halfway,
     write_recipe,
 )
 from transformers import AutoModelForCausalLM
@@ -41,11 +40,7 @@ def test_every_stage_under_zero_equals_ddp_and_resumes(stage, tmp_path, tmp_path
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
     # resumed from half-way under the same engine: the uninterrupted run's metrics and weights, bit for bit
-    for name, command, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1)):
-        uninterrupted = metrics(runs / name)
-        final = {file: (runs / name / file).read_bytes() for file in RUNS[name][3]}
-        assert resume_from_halfway(engine, runs / name, command, halfway) == uninterrupted, name
-        assert {file: (runs / name / file).read_bytes() for file in final} == final, name
+    assert_sft_and_ppo_resume_exactly(engine, runs)
 
     # the same checkpoint resumed without DeepSpeed: refused, naming both launches, before anything trains
     result = launch("cpu_ddp", "sft", str(runs / "sft" / "config.yaml"), "--resume")

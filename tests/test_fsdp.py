@@ -9,12 +9,11 @@ import torch
 import yaml
 from engines import (
     RUNS,
+    assert_sft_and_ppo_resume_exactly,
     ddp_runs,
     launch,
     launched,
-    metrics,
     mismatches_with_ddp,
-    resume_from_halfway,
     write_config,
     write_recipe,
 )
@@ -38,12 +37,8 @@ def test_every_stage_under_fsdp_equals_ddp_and_resumes(tmp_path, tmp_path_factor
     model = AutoModelForCausalLM.from_pretrained(fsdp / "sft")  # loads as it is, the head tied again
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
-    # resumed from half-way under FSDP: the uninterrupted run's metrics and weights, bit for bit
-    for name, stage, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1)):
-        uninterrupted = metrics(fsdp / name)
-        final = {file: (fsdp / name / file).read_bytes() for file in RUNS[name][3]}
-        assert resume_from_halfway("fsdp_cpu", fsdp / name, stage, halfway) == uninterrupted, name
-        assert {file: (fsdp / name / file).read_bytes() for file in final} == final, name
+    # resumed from half-way under the same engine: the uninterrupted run's metrics and weights, bit for bit
+    assert_sft_and_ppo_resume_exactly("fsdp_cpu", fsdp)
 
 
 def test_an_encoder_decoder_model_the_stage_shards_itself_is_refused(tmp_path):
