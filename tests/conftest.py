@@ -44,6 +44,17 @@ def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test starts from the same environment variables. Code a test runs in-process may set some (the
+    vLLM Sampler sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_* for its engine), and a later test's CLI
+    subprocess inherited them: accelerate then read LOCAL_RANK and put a plain `rlhf sft` on "cpu:0"."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def one_multiprocess_launch_at_a_time(request, tmp_path_factory):
     """Tests marked `multiprocess` start several processes that wait on each other in collectives. In one
     CI run the SFT launch hung for its whole 900 s timeout (it passes alone in 14 s) while the other xdist
