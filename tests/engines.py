@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from image_pipelines import built_tiny_sd
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,9 @@ def launch(engine: str, *args: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/<engine>.yaml -m rlhf_cli <args>`, as a user types it."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / f"{engine}.yaml"), "-m", "rlhf_cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # tests/ importable: the DDPO runs' reward is tests/fakes/image_rewards.py
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
 
 
@@ -55,6 +58,16 @@ PROMPTS = {"dataset_name": "builtin:review-prompts"}
 PPO = {"total_episodes": 64, "num_mini_batches": 2, "num_ppo_epochs": 1}
 CRITIC_FREE = {"total_episodes": 64, "num_generations": 4, "beta": 0.04, "steps_per_generation": 2}
 LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8}
+IMAGE_PROMPTS = {"dataset_name": "builtin:shape-prompts"}
+# DDPO on the built-in tiny Stable Diffusion: 3 epochs of 8 images per process in 4 denoising steps, each epoch 2
+# optimizer steps of 2 micro-batches. Its log-prob ratios amplify float rounding (docs/distributed.md), so the
+# reward is continuous in the pixels (the JPEG rewards jump with one pixel's rounding) and the clip range clips
+# nothing (a ratio 1e-7 from the bound would decide which rows train): then the comparison is about the engines.
+DDPO = {"reward": {"function": "fakes.image_rewards:brightness"},
+        "ddpo": {"num_epochs": 3, "sample_num_steps": 4, "sample_guidance_scale": 3.0, "sample_batch_size": 4,
+                 "sample_num_batches_per_epoch": 2, "train_batch_size": 2, "train_gradient_accumulation_steps": 2,
+                 "train_timesteps_per_call": None, "train_clip_range": 1000.0, "eval_samples_per_prompt": 1,
+                 "grid_seeds": [0]}}
 # Every run: (stage, data, other sections, weight files to compare). 4 optimizer steps each (online:
 # 2 iterations of 2 mini-batches); tiny GPT-2 unless the sections say otherwise.
 RUNS = {
@@ -81,11 +94,23 @@ RUNS = {
     # no value head: the tied LM head of the wrapped policy must stay tied (it came back untied, once)
     "grpo": ("grpo", PROMPTS, {**ONLINE, "grpo": CRITIC_FREE}, ["model.safetensors"]),
     "rloo": ("rloo", PROMPTS, {**ONLINE, "rloo": CRITIC_FREE}, ["model.safetensors"]),
+    # a diffusers UNet: sampled by every process in step (evaluation, grids), saved through a whole copy
+    "ddpo": ("ddpo", IMAGE_PROMPTS, {**DDPO, "peft": {"use_peft": False}}, ["unet/diffusion_pytorch_model.safetensors"]),
+    # LoRA: the pipeline samples through the sharded peft model (its root's parameters gathered in its forward)
+    "ddpo-lora": ("ddpo", IMAGE_PROMPTS, {**DDPO, "peft": {"use_peft": True, "save_merged": True}},
+                  ["pytorch_lora_weights.safetensors", "merged/unet/diffusion_pytorch_model.safetensors"]),
 }
 
 
 def write_config(path: Path, name: str) -> Path:
     stage, data, sections, _ = RUNS[name]
+    if stage == "ddpo":  # its own batch and length keys (ddpo.*); logging, evaluation and saving count epochs
+        path.write_text(yaml.safe_dump({
+            "stage": stage, "model": {"model_name_or_path": "builtin:tiny-sd"}, "data": data,
+            "training": {"output_dir": "unused", "learning_rate": 3e-4, "adam_epsilon": 1e-3, "logging_steps": 1,
+                         "save_steps": 1, "eval_steps": 2, "per_device_eval_batch_size": 4},
+            **sections}))
+        return path
     config = {
         "stage": stage, "model": {"model_name_or_path": "builtin:tiny-gpt2"},
         # 9 held-out rows over 2 processes in batches of 2: 3 forwards on one, 2 on the other
@@ -135,10 +160,10 @@ def weight_mismatches(a: Path, b: Path) -> list[str]:
             if x[key].shape != y[key].shape or not torch.allclose(x[key], y[key], atol=WEIGHTS_ATOL, rtol=0)]
 
 
-def assert_sft_and_ppo_resume_exactly(engine: str, runs: Path) -> None:
-    """SFT and PPO cut back to a half-way checkpoint and resumed under `engine` give the uninterrupted run's
-    metrics and final weights bit for bit (the same engine on the same machine)."""
-    for name, stage, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1)):
+def assert_resume_exactly(engine: str, runs: Path) -> None:
+    """SFT, PPO and DDPO cut back to a half-way checkpoint and resumed under `engine` give the uninterrupted
+    run's metrics and final weights bit for bit (the same engine on the same machine)."""
+    for name, stage, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1), ("ddpo", "ddpo", 2)):
         uninterrupted = metrics(runs / name)
         final = {file: (runs / name / file).read_bytes() for file in RUNS[name][3]}
         assert resume_from_halfway(engine, runs / name, stage, halfway) == uninterrupted, name
@@ -160,8 +185,10 @@ def resume_from_halfway(engine: str, output_dir: Path, stage: str, halfway: int)
 def ddp_runs(tmp_path_factory) -> Path:
     """The recipe under data parallel, the reference of every engine's runs: launched once and kept for the
     test session's other engine tests (under xdist too: the folder is shared by the workers, and the tests
-    that launch processes take turns, conftest.py)."""
+    that launch processes take turns, conftest.py). The built-in pipeline is built first, so that no launch
+    spends its time building it."""
     shared = tmp_path_factory.getbasetemp().parent / "ddp-recipe"
+    built_tiny_sd()
     if not (shared / "done").exists():
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir()

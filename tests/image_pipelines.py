@@ -1,8 +1,24 @@
-"""Helpers of the diffusion tests: an untrained built-in pipeline and a UNet's output on fixed inputs."""
+"""Helpers of the diffusion tests: the built-in pipeline built once, an untrained one, and a UNet's output on
+fixed inputs."""
+
+from pathlib import Path
 
 import torch
 
 from rlhf_cli.builtin.image_pipeline import assemble, build_components
+
+
+def built_tiny_sd() -> Path:
+    """The built-in pipeline's cached folder, built first if missing (about 2 minutes of one core). Under xdist
+    the workers take turns, so only one builds; a run launched afterwards loads it."""
+    from filelock import FileLock
+
+    from rlhf_cli.builtin.cache import cache_root
+    from rlhf_cli.builtin.image_pipeline import tiny_pipeline_folder
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_root() / "tiny-sd.lock")):
+        return tiny_pipeline_folder(seed=0)
 
 
 def untrained_pipeline():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from engines import (
     RUNS,
-    assert_sft_and_ppo_resume_exactly,
+    assert_resume_exactly,
     ddp_runs,
     launch,
     launched,
@@ -40,7 +40,7 @@ def test_every_stage_under_zero_equals_ddp_and_resumes(stage, tmp_path, tmp_path
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
     # resumed from half-way under the same engine: the uninterrupted run's metrics and weights, bit for bit
-    assert_sft_and_ppo_resume_exactly(engine, runs)
+    assert_resume_exactly(engine, runs)
 
     # the same checkpoint resumed without DeepSpeed: refused, naming both launches, before anything trains
     result = launch("cpu_ddp", "sft", str(runs / "sft" / "config.yaml"), "--resume")

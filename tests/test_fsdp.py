@@ -9,7 +9,7 @@ import torch
 import yaml
 from engines import (
     RUNS,
-    assert_sft_and_ppo_resume_exactly,
+    assert_resume_exactly,
     ddp_runs,
     launch,
     launched,
@@ -38,7 +38,7 @@ def test_every_stage_under_fsdp_equals_ddp_and_resumes(tmp_path, tmp_path_factor
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
     # resumed from half-way under the same engine: the uninterrupted run's metrics and weights, bit for bit
-    assert_sft_and_ppo_resume_exactly("fsdp_cpu", fsdp)
+    assert_resume_exactly("fsdp_cpu", fsdp)
 
 
 def test_an_encoder_decoder_model_the_stage_shards_itself_is_refused(tmp_path):

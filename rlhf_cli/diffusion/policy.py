@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 
 from rlhf_cli.config.diffusion import UNET_LORA_TARGETS, UNetPeftConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import whole_copy
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ def lora_state(model: PeftModel) -> dict:
             for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_trained(pipe, unet, output_dir: Path, peft_cfg: UNetPeftConfig) -> None:
-    """The run's result at the top of output_dir: the pipeline, or the LoRA weights (+ `merged/`)."""
+def save_trained(pipe, unet, output_dir: Path, peft_cfg: UNetPeftConfig, state_dict: dict | None = None) -> None:
+    """The run's result at the top of output_dir: the pipeline, or the LoRA weights (+ `merged/`).
+    `state_dict`: the UNet's weights gathered from its shards (FSDP, ZeRO-3: training/sharding.py
+    full_model_state), written through a whole copy of it."""
+    if state_dict is not None:
+        unet = whole_copy(unet, state_dict)
     if not isinstance(unet, PeftModel):
+        pipe.unet = unet
         pipe.save_pretrained(output_dir, safe_serialization=True)
         return
     config = unet.peft_config["default"]

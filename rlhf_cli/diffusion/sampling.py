@@ -45,11 +45,13 @@ def guided_noise(unet, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor
 
 @torch.no_grad()
 def sample_trajectories(pipe, prompts: list[str], num_steps: int, eta: float, guidance_scale: float,
-                        generator: torch.Generator | None = None) -> Trajectory:
+                        generator: torch.Generator | None = None, unet=None) -> Trajectory:
     """Sample one image per prompt with a stochastic DDIM sampler (eta > 0), recording the chain.
 
     Noise is drawn from `generator` in the pipeline's own order (the initial latents, then one draw
-    per step), so `pipe(prompts, eta=eta, generator=...)` with the same seed gives the same images."""
+    per step), so `pipe(prompts, eta=eta, generator=...)` with the same seed gives the same images.
+    `unet`: the denoiser to call (a peft model around pipe.unet, as it trains); default pipe.unet."""
+    unet = unet if unet is not None else pipe.unet
     device = pipe.unet.device
     guided = guidance_scale > 1.0
     prompt_embeds, negative_embeds = pipe.encode_prompt(prompts, device, 1, guided)
@@ -62,7 +64,7 @@ def sample_trajectories(pipe, prompts: list[str], num_steps: int, eta: float, gu
     chain, log_probs = [x], []
     for t in scheduler.timesteps:
         rows = t.expand(len(prompts)).to(device)
-        noise = guided_noise(pipe.unet, x, rows, prompt_embeds, negative_embeds if guided else None,
+        noise = guided_noise(unet, x, rows, prompt_embeds, negative_embeds if guided else None,
                              guidance_scale)  # (DDIM scales no model input: x as it is, here and in the update)
         x, log_prob = ddim_step(scheduler, noise, rows, x, eta, generator=generator)
         chain.append(x)

@@ -67,6 +67,9 @@ class DDPOTrainer:
 
     @property
     def unwrapped(self):
+        """The UNet, or the peft model around it, without the data-parallel wrapper: what sampling calls. Under
+        FSDP it is the sharded root, whose forward gathers the root's own parameters (calling pipe.unet, the
+        UNet inside a LoRA model, would bypass that)."""
         return self.accelerator.unwrap_model(self.unet)
 
     # --- 1. sampling ----------------------------------------------------------------------------
@@ -77,7 +80,7 @@ class DDPOTrainer:
         self.unet.eval()
         with self.accelerator.autocast():
             return sample_trajectories(self.pipe, prompts, self.options.sample_num_steps, self.options.sample_eta,
-                                       self.options.sample_guidance_scale, generator)
+                                       self.options.sample_guidance_scale, generator, unet=self.unwrapped)
 
     def sample_epoch(self, prompts: list[str], epoch: int) -> tuple[Trajectory, Tensor]:
         """This process's images of `epoch`: sample_num_batches_per_epoch batches of sample_batch_size prompts

@@ -2,11 +2,14 @@
 
 import inspect
 import logging
+import sys
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from rlhf_cli.config.sections import PeftConfig
 from rlhf_cli.models.dropout import original_dropout_config
@@ -81,13 +84,15 @@ def apply_lora(model, peft_cfg: PeftConfig, task_type: str, modules_to_save: lis
 
 
 def save_model_folder(model, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
-    """The model as `transformers`/`peft` load it: config + safetensors (+ tokenizer files); for the
-    final model and every checkpoint alike.
+    """The model as `transformers`/`peft` (or `diffusers`) load it: config + safetensors (+ tokenizer files);
+    for the final model and every checkpoint alike.
 
     An adapter folder holds the adapter that trains (the active one) only: a frozen `reference`
     adapter (PPO started from an adapter folder, models/policy.py) is not part of it. The config is
     written with the dropout the model came with (models/dropout.py zeroes it for RL). `state_dict`: the
     weights to write instead of the model's own (a sharded model's, gathered: training/sharding.py)."""
+    if state_dict is not None and is_diffusers_model(model):  # its save_pretrained takes no state_dict
+        model, state_dict = whole_copy(model, state_dict), None
     extra = {"selected_adapters": list(model.active_adapters)} if isinstance(model, PeftModel) else {}
     if state_dict is not None:
         extra["state_dict"] = state_dict
@@ -97,10 +102,24 @@ def save_model_folder(model, folder: Path, tokenizer=None, state_dict: dict | No
         tokenizer.save_pretrained(folder)
 
 
-def whole_copy(model: PeftModel, state_dict: dict) -> PeftModel:
-    """A plain (unsharded) copy of an adapter-wrapped model, holding `state_dict`'s weights."""
-    base = model.get_base_model()
-    copy = get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+def is_diffusers_model(model) -> bool:
+    if "diffusers" not in sys.modules:  # never imported: no model of it exists
+        return False
+    from diffusers import ModelMixin
+
+    return isinstance(model, ModelMixin)
+
+
+def whole_copy(model, state_dict: dict):
+    """A plain (unsharded) copy of `model` -- a transformers or diffusers model, or a peft model around one --
+    holding `state_dict`'s weights (gathered from the sharded model). The global RNG is left as it was
+    (building the copy initialises weights), so a checkpoint written mid-run does not change what follows."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # FSDP 2 subclasses the model's
+    with torch.random.fork_rng(devices=[]):
+        copy = cls.from_config(base.config) if is_diffusers_model(base) else cls(base.config)
+        if isinstance(model, PeftModel):
+            copy = get_peft_model(copy, model.peft_config[model.active_adapter])
     missing, unexpected = copy.load_state_dict(state_dict, strict=False)
     if unexpected or set(missing) - set(tied_aliases(copy)):  # the gathered state leaves out tied aliases only
         raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -26,7 +26,7 @@ from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import nonfinite_message
 from rlhf_cli.training.progress import StepProgress
-from rlhf_cli.training.sharding import zero_stage
+from rlhf_cli.training.sharding import full_model_state, loaded_whole, lockstep_batches, params_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,12 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     # 1. Output folder, accelerator, logging
     run_ = start_run("ddpo", config, resume, overwrite)
     accelerator = run_.accelerator
-    if zero_stage(accelerator) == 3:  # seen: the pipeline's CLIP text encoder loaded with empty position tables
-        raise UserError("DeepSpeed ZeRO-3: rlhf ddpo does not run under it yet (the pipeline's text encoder loads "
-                        "partitioned and unusable); launch with ZeRO-2 or data parallel.")
 
-    # 2. The pipeline (any LoRA weights given fused in), the reward, the prompts; eval mode ends here
-    pipe = load_pipeline(config.model.model_name_or_path)
+    # 2. The pipeline (any LoRA weights given fused in), the reward, the prompts; eval mode ends here. Loaded
+    #    whole (under ZeRO-3 transformers would partition the frozen text encoder as it loads); the UNet is
+    #    sharded when it is prepared (diffusion/trainer.py)
+    with loaded_whole(accelerator):
+        pipe = load_pipeline(config.model.model_name_or_path)
     if config.model.lora_weights:
         fuse_lora_weights(pipe, config.model.lora_weights)
     pipe.to(accelerator.device)
@@ -67,15 +67,20 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     test = Prompts(test_raw, config.data.prompt_column, f"{config.data.dataset_name} (test)") if test_raw is not None else None
     grid_prompts = options.grid_prompts or (test or train).texts[:GRID_ROWS]
 
+    trainer = None  # step 3's: its UNet (or peft model) samples once it exists (DDPOTrainer.unwrapped)
+
     def evaluate(step: int) -> dict[str, float]:
-        scores = held_out_scores(pipe, test, reward, options, training, accelerator) if test else {}
+        unet = trainer.unwrapped if trainer else pipe.unet
+        scores = held_out_scores(pipe, unet, test, reward, options, training, accelerator) if test else {}
         if scores:
             run_.metrics.log(step, scores)
         return scores
 
     def grid(name: str) -> None:
-        if options.grid_epochs and accelerator.is_main_process:
-            write_grid(pipe, grid_prompts, options, accelerator, run_.output_dir / "grids" / f"{name}.png")
+        # under FSDP / ZeRO-3 every process samples the grid with the main one (each UNet call is a collective)
+        if options.grid_epochs and (accelerator.is_main_process or params_partitioned(accelerator)):
+            write_grid(pipe, trainer.unwrapped if trainer else pipe.unet, grid_prompts, options, accelerator,
+                       run_.output_dir / "grids" / f"{name}.png")
 
     if options.eval_only:
         evaluate_only(run_, pipe, evaluate, grid)
@@ -152,8 +157,9 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     grid(f"epoch-{epoch:04d}")
     checkpoint(epoch)
     replica_checksum(accelerator, trainer.unet)  # every process must end with the same weights
+    gathered = full_model_state(accelerator, trainer.unet)  # FSDP, ZeRO-3: the whole weights (collective); else None
     if accelerator.is_main_process:
-        save_trained(pipe, trainer.unwrapped, run_.output_dir, config.peft)
+        save_trained(pipe, trainer.unwrapped, run_.output_dir, config.peft, gathered)
         log.info("done: %d epochs, %d optimizer steps; %s written to %s", epoch, trainer.global_step,
                  "LoRA weights" if config.peft.use_peft else "pipeline", run_.output_dir)
     finish_run(run_)
@@ -180,23 +186,28 @@ def reward_stats(total: torch.Tensor, parts: dict[str, torch.Tensor], accelerato
 
 
 @torch.no_grad()
-def held_out_scores(pipe, prompts: Prompts, reward, options, training, accelerator) -> dict[str, float]:
+def held_out_scores(pipe, unet, prompts: Prompts, reward, options, training, accelerator) -> dict[str, float]:
     """Mean reward of eval_samples_per_prompt images of every held-out prompt, from fixed seeds (the same
-    noise at every evaluation, so the figures move only with the weights), split over processes."""
+    noise at every evaluation, so the figures move only with the weights), split over processes. `unet`: the
+    denoiser that samples (pipe.unet, or the peft model around it as it trains)."""
     if not options.eval_samples_per_prompt:
         return {}
-    pipe.unet.eval()
+    unet.eval()
     jobs = [(i, k) for k in range(options.eval_samples_per_prompt) for i in range(len(prompts.texts))]
-    mine = jobs[accelerator.process_index :: accelerator.num_processes]
+    mine = list(range(accelerator.process_index, len(jobs), accelerator.num_processes))
     sums: dict[str, float] = {}
     batch = training.per_device_eval_batch_size
-    for start in range(0, len(mine), batch):
-        chunk = mine[start : start + batch]
+    # in lockstep under FSDP / ZeRO-3 (every UNet call is a collective): a process with fewer batches samples
+    # extra ones whose scores are dropped
+    for b, (rows, real) in enumerate(lockstep_batches(mine, batch, accelerator)):
+        chunk = [jobs[r] for r in rows]
         texts = [prompts.texts[i] for i, _ in chunk]
-        generator = seeded(training.seed, EVAL, accelerator.process_index, start)
+        generator = seeded(training.seed, EVAL, accelerator.process_index, b * batch)
         with accelerator.autocast():
             traj = sample_trajectories(pipe, texts, options.sample_num_steps, options.sample_eta,
-                                       options.sample_guidance_scale, generator)
+                                       options.sample_guidance_scale, generator, unet=unet)
+        if not real:
+            continue
         total, parts = reward(traj.images.float().cpu(), texts, [prompts.metadata[i] for i, _ in chunk])
         for name, values in {"reward_mean": total, **{f"reward/{n}": v for n, v in parts.items()}}.items():
             sums[name] = sums.get(name, 0.0) + values.sum().item()
@@ -209,14 +220,17 @@ def held_out_scores(pipe, prompts: Prompts, reward, options, training, accelerat
 
 
 @torch.no_grad()
-def write_grid(pipe, prompts: list[str], options, accelerator, path: Path) -> None:
-    """One row per prompt, one column per seed of grid_seeds: each column's noise is the same at every epoch."""
+def write_grid(pipe, unet, prompts: list[str], options, accelerator, path: Path) -> None:
+    """One row per prompt, one column per seed of grid_seeds: each column's noise is the same at every epoch.
+    Written by the main process (the others, where they take part, only sample)."""
     columns = []
-    pipe.unet.eval()
+    unet.eval()
     for seed in options.grid_seeds:
         with accelerator.autocast():
             traj = sample_trajectories(pipe, prompts, options.sample_num_steps, options.sample_eta,
-                                       options.sample_guidance_scale, torch.Generator().manual_seed(seed))
+                                       options.sample_guidance_scale, torch.Generator().manual_seed(seed), unet=unet)
         columns.append(traj.images.float().cpu())
+    if not accelerator.is_main_process:
+        return
     images = torch.stack(columns, dim=1).flatten(0, 1)  # (P * S, 3, H, W): row-major, prompt by prompt
     save_grid(images, path, columns=len(options.grid_seeds), row_labels=prompts)

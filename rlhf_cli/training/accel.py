@@ -122,9 +122,9 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, training: TrainingConfig) -> No
 
 ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
 # The stages whose path under each engine has run: FSDP 2 and DeepSpeed ZeRO-2/3 on CPU processes, against
-# DDP, with resume (tests/test_fsdp.py, tests/test_deepspeed.py). ddpo's (a diffusers UNet) has not.
-TESTED_UNDER = {"FSDP": ("sft", "reward", "dpo", "ppo", "grpo", "rloo"),
-                "DeepSpeed": ("sft", "reward", "dpo", "ppo", "grpo", "rloo")}
+# DDP, with resume (tests/test_fsdp.py, tests/test_deepspeed.py). A stage added later warns until it is there.
+TESTED_UNDER = {"FSDP": ("sft", "reward", "dpo", "ppo", "grpo", "rloo", "ddpo"),
+                "DeepSpeed": ("sft", "reward", "dpo", "ppo", "grpo", "rloo", "ddpo")}
 # What `accelerate launch` exports when its config asks for an engine; accelerate applies either on GPUs
 # only (rlhf applies them to CPU processes itself: `shard_on_cpu`, `deepspeed_on_cpu`).
 LAUNCHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}

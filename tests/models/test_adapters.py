@@ -1,4 +1,5 @@
-"""apply_lora: an adapter on an output layer tied to the input embeddings gets a weight of its own."""
+"""apply_lora: an adapter on an output layer tied to the input embeddings gets a weight of its own; save_model_folder
+writes gathered weights for a diffusers model too."""
 
 import warnings
 
@@ -72,3 +73,24 @@ def test_a_model_whose_forward_reads_the_tie_flag_stays_tied(caplog):
     assert base.lm_head.base_layer.weight is base.get_input_embeddings().weight
     assert base.config.tie_word_embeddings is True
     assert "left tied" in caplog.text
+
+
+def test_a_diffusers_model_saved_with_gathered_weights_writes_those_weights(tmp_path):
+    """save_model_folder with a state_dict (a sharded model's, gathered): diffusers' save_pretrained takes none
+    and would write the model's own tensors, so the folder is written from a whole copy holding the given ones;
+    building the copy leaves the global RNG where it was (a checkpoint mid-run must not change what follows)."""
+    from diffusers import UNet2DConditionModel
+    from image_pipelines import untrained_pipeline, unet_output
+    from safetensors.torch import load_file
+
+    from rlhf_cli.models.adapters import save_model_folder
+
+    unet = untrained_pipeline().unet
+    gathered = {name: value + 0.01 for name, value in unet.state_dict().items()}  # weights the module does not hold
+    rng = torch.get_rng_state()
+    save_model_folder(unet, tmp_path, state_dict=gathered)
+    assert torch.equal(torch.get_rng_state(), rng)
+    saved = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert sorted(saved) == sorted(gathered) and all(torch.equal(saved[k], gathered[k]) for k in saved)
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert not torch.allclose(unet_output(reloaded), unet_output(unet))

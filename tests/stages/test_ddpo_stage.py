@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
-from image_pipelines import unet_output
+from image_pipelines import built_tiny_sd, unet_output
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,16 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_sd():
-    """Build the built-in pipeline once (about 2 minutes of one core) before any run needs it; xdist
-    workers take turns, so only one builds."""
-    from filelock import FileLock
-
-    from rlhf_cli.builtin.cache import cache_root
-    from rlhf_cli.builtin.image_pipeline import tiny_pipeline_folder
-
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_root() / "tiny-sd.lock")):
-        return tiny_pipeline_folder(seed=0)
+    """Built once before any run needs it (tests/image_pipelines.py)."""
+    return built_tiny_sd()
 
 
 def config(folder: Path, **sections) -> Path:
