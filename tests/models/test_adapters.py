@@ -80,7 +80,7 @@ def test_a_diffusers_model_saved_with_gathered_weights_writes_those_weights(tmp_
     and would write the model's own tensors, so the folder is written from a whole copy holding the given ones;
     building the copy leaves the global RNG where it was (a checkpoint mid-run must not change what follows)."""
     from diffusers import UNet2DConditionModel
-    from image_pipelines import untrained_pipeline, unet_output
+    from image_pipelines import unet_output, untrained_pipeline
     from safetensors.torch import load_file
 
     from rlhf_cli.models.adapters import save_model_folder
