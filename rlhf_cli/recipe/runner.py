@@ -13,7 +13,8 @@ The rules (docs/recipes.md):
 
 Stages run in this process, through the same `run(config)` the subcommands call, so
 `accelerate launch -m rlhf_cli run RECIPE` / `torchrun ... run RECIPE` runs every stage data-parallel.
-Between stages the accelerate state is reset (a fresh Accelerator per stage); the process group of a
+Between stages the accelerate state and the environment variables are reset (a fresh Accelerator per stage,
+what a stage set in os.environ gone with it); the process group of a
 many-process launch lives until the last stage.
 """
 
@@ -21,6 +22,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -190,9 +192,10 @@ def _conflict(recipe: Recipe, stage: RecipeStage, what: str, rerun: str | None =
 
 @contextlib.contextmanager
 def stage_session():
-    """The process group (of a many-process launch) for the whole recipe, a fresh accelerate state per stage.
+    """The process group (of a many-process launch) for the whole recipe, a fresh accelerate state and the
+    recipe's environment variables per stage.
 
-    Yields (is_main_process, barrier, fresh_state)."""
+    Yields (is_main_process, barrier, fresh_state, world size)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from rlhf_cli.stages import common
@@ -200,8 +203,14 @@ def stage_session():
     state = PartialState(cpu=not torch.cuda.is_available())
     keep = common.KEEP_PROCESS_GROUP
     common.KEEP_PROCESS_GROUP = True  # finish_run leaves the process group to us
+    environment = dict(os.environ)
 
     def fresh_state() -> None:
+        # what a stage set in the environment goes with it: a vLLM stage of a one-process recipe sets RANK,
+        # LOCAL_RANK, WORLD_SIZE and MASTER_* for its engine (lm/vllm_sampler.py), which the later stages and
+        # any process they start would read as a launcher's ("cpu:0", a taken port)
+        os.environ.clear()
+        os.environ.update(environment)
         AcceleratorState._reset_state(reset_partial_state=False)  # the next stage builds its own Accelerator
         GradientState._reset_state()
         gc.collect()

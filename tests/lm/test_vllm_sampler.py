@@ -3,6 +3,7 @@ a LoRA adapter folded in), when they are pushed, the sampling settings, the resp
 refusals. The engine is tests/fakes/vllm (vLLM's API over transformers); the real engine runs in bench/gpu.sh."""
 
 import copy
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -195,3 +196,30 @@ def test_refused_with_tools(cli, tmp_path):
     result = cli("validate", str(path))
     assert result.returncode == 2
     assert "generation.backend: vllm samples whole responses, but environment.tools" in result.stderr
+
+
+def test_a_recipe_stage_after_a_vllm_stage_runs_as_launched(fake_vllm, tmp_path, monkeypatch, capsys):
+    """The engine of a one-process run needs RANK, LOCAL_RANK, WORLD_SIZE and MASTER_* (set for it). `rlhf run`
+    runs its stages in one process, and they stayed set for the later stages and every process those start
+    (where accelerate reads them as a launcher's: "cpu:0", a taken MASTER_PORT; the test suite saw exactly
+    that). Each stage now leaves the environment as the recipe found it."""
+    from conftest import run_in_process
+
+    grpo = grpo_config(tmp_path)
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(yaml.safe_dump({
+        "stage": "sft", "model": {"model_name_or_path": "builtin:tiny-gpt2"},
+        "data": {"dataset_name": "builtin:reviews", "dataset_format": "text", "max_length": 32,
+                 "max_train_samples": 16, "max_eval_samples": 4},
+        "training": {"output_dir": "unused", "max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 100}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "recipe"), "stages": [
+        {"name": "grpo", "command": "grpo", "config": str(grpo)}, {"name": "sft", "command": "sft", "config": str(sft)}]}))
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+
+    code, err = run_in_process(monkeypatch, capsys, "run", str(recipe))
+    assert code == 0, err[-3000:]
+    assert "generation backend: vLLM 0.0+fake" in err
+    assert err.count("(1 process, cpu)") == 2, err[-3000:]  # both stages on one plain process
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
