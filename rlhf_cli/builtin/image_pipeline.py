@@ -215,6 +215,7 @@ def train_pipeline(seed: int = 0, recipe: Recipe = RECIPE) -> StableDiffusionPip
     log.info("tiny-sd seed %d: UNet and text encoder trained, %.1f s in all", seed, time.perf_counter() - start)
     for module in ("vae", "text_encoder", "unet"):
         components[module].eval().requires_grad_(False)
+        components[module].zero_grad(set_to_none=True)  # the last step's: a later backward must not add to them
     return assemble(components)
 
 

@@ -101,6 +101,16 @@ def test_a_process_of_rank_above_0_does_not_write_the_cache(tmp_path, monkeypatc
     assert (image_pipeline.cache_folder(0, FAST) / "text_encoder" / "model.safetensors").is_file()
 
 
+def test_a_trained_pipeline_holds_no_gradients():
+    """What a process of rank above 0 keeps (it does not load the cache, above) is the pipeline as trained: its
+    last training step's gradients were left on the parameters, and DDPO's first backward on that process added
+    to them (the first update of a launch that built the pipeline differed from later launches' by ~0.7%)."""
+    pipe = image_pipeline.train_pipeline(seed=0, recipe=dataclasses.replace(
+        FAST, images_per_prompt=2, vae_steps=2, unet_steps=2, unet_batch_size=4))
+    for name in ("vae", "text_encoder", "unet"):
+        assert all(p.grad is None for p in getattr(pipe, name).parameters()), name
+
+
 def test_samples_follow_their_prompt(cache):
     pipe = image_pipeline.load_pipeline(cache)
     prompts = [p for p in PROMPTS for _ in range(8)]
