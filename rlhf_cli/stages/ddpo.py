@@ -67,11 +67,13 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     test = Prompts(test_raw, config.data.prompt_column, f"{config.data.dataset_name} (test)") if test_raw is not None else None
     grid_prompts = options.grid_prompts or (test or train).texts[:GRID_ROWS]
 
-    trainer = None  # step 3's: its UNet (or peft model) samples once it exists (DDPOTrainer.unwrapped)
+    trainer = None  # step 3's: once it exists its UNet (or peft model) samples (DDPOTrainer.unwrapped)
+
+    def denoiser():
+        return trainer.unwrapped if trainer else pipe.unet
 
     def evaluate(step: int) -> dict[str, float]:
-        unet = trainer.unwrapped if trainer else pipe.unet
-        scores = held_out_scores(pipe, unet, test, reward, options, training, accelerator) if test else {}
+        scores = held_out_scores(pipe, denoiser(), test, reward, options, training, accelerator) if test else {}
         if scores:
             run_.metrics.log(step, scores)
         return scores
@@ -79,8 +81,7 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     def grid(name: str) -> None:
         # under FSDP / ZeRO-3 every process samples the grid with the main one (each UNet call is a collective)
         if options.grid_epochs and (accelerator.is_main_process or params_partitioned(accelerator)):
-            write_grid(pipe, trainer.unwrapped if trainer else pipe.unet, grid_prompts, options, accelerator,
-                       run_.output_dir / "grids" / f"{name}.png")
+            write_grid(pipe, denoiser(), grid_prompts, options, accelerator, run_.output_dir / "grids" / f"{name}.png")
 
     if options.eval_only:
         evaluate_only(run_, pipe, evaluate, grid)
