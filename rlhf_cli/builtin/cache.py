@@ -1,13 +1,17 @@
 """Where the built-in world keeps what it builds once (the trained tokenizer, the tiny image
-pipeline), and how a build is written so that concurrent processes never read half of one."""
+pipeline, the generated datasets), how a build is written so that concurrent processes never read half
+of one, and the project sources a build depends on (hashed into its folder's name)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 
 def cache_root() -> Path:
@@ -29,3 +33,21 @@ def write_atomically(folder: Path, write: Callable[[Path], None], marker: str) -
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def project_sources(module: ModuleType) -> list[str]:
+    """The source of `module` and of every `rlhf_cli` module it uses, directly or through another (a module
+    imported as such, or the home of an imported function, class or constant), sorted by module name."""
+    found: dict[str, ModuleType] = {}
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        if current.__name__ in found:
+            continue
+        found[current.__name__] = current
+        for value in vars(current).values():
+            home_name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            home = sys.modules.get(home_name) if isinstance(home_name, str) else None
+            if home is not None and home.__name__.startswith("rlhf_cli.") and home.__name__ not in found:
+                pending.append(home)
+    return [inspect.getsource(found[name]) for name in sorted(found)]

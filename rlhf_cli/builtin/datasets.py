@@ -11,8 +11,13 @@ question standing for the prompt; the expression's side keeps their test problem
 split of the four.)
 
 Every dataset is a ``DatasetDict`` with ``train`` and ``test`` splits, fixed by ``seed`` (another
-seed gives other rows) and cached nowhere (the default sizes take 1-6 s each, VADER scoring most
-of it). Two rules keep the evaluation honest:
+seed gives other rows). Generating the default sizes takes 1-9 s (VADER scoring most of it), once
+paid by every process of every launch; now a dataset at those sizes is generated once and then read
+from ``$RLHF_CACHE/builtin/datasets/<name>-seed<seed>-<hash>/`` (a ``save_to_disk`` folder, read into
+memory in ~0.05 s; other sizes, asked for by tests and programs, are generated each time). The hash
+covers the source of this module and of every project module it uses, and the versions of VADER and
+``datasets``, so that editing the grammar regenerates instead of
+reading stale rows. Two rules keep the evaluation honest:
 
 * Held-out prompts. A fixed tenth of all prompt strings (chosen by a CRC32 hash of the text, so
   the same for every seed and every dataset) may be the prompt of test rows only, the rest of
@@ -32,13 +37,20 @@ columns trainers need, rows carry the gold facts evaluations use: ``score_chosen
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import random
+import sys
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import datasets
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from rlhf_cli.builtin import arithmetic, corpus, shapes, tool_world
+from rlhf_cli.builtin.cache import cache_root, project_sources, write_atomically
 from rlhf_cli.builtin.sentiment import sentiment_scores
 from rlhf_cli.errors import UserError
 
@@ -305,9 +317,11 @@ def _features(name: str) -> Features:
 
 
 def load_builtin_dataset(
-    name: str, seed: int = 0, num_train: int | None = None, num_test: int | None = None
+    name: str, seed: int = 0, num_train: int | None = None, num_test: int | None = None, cache: bool = True
 ) -> DatasetDict:
-    """Generate the built-in dataset ``name`` (see ``BUILTIN_DATASETS``) for ``seed``.
+    """The built-in dataset ``name`` (see ``BUILTIN_DATASETS``) for ``seed``. At the default sizes (what a
+    config's ``builtin:`` name loads) it is read from the cache where an earlier call generated it, else
+    generated and cached; other sizes, and ``cache=False``, are generated each time and never written.
 
     ``num_train`` / ``num_test`` default to ``DEFAULT_SIZES[name]``. The test split depends only
     on ``seed`` and ``num_test``, so asking for more training rows never changes the test rows.
@@ -325,4 +339,29 @@ def load_builtin_dataset(
             raise UserError(
                 f"built-in dataset {name!r}: num_{split} must be a whole number >= 0, got {size!r}"
             )
+    if not cache or (sizes["train"], sizes["test"]) != DEFAULT_SIZES[name]:
+        return _generate(name, seed, sizes)
+    folder = cache_folder(name, seed)
+    if (folder / "dataset_dict.json").is_file():
+        # in memory, as a generated one is: `map` writes no cache files beside the cached rows
+        return DatasetDict.load_from_disk(str(folder), keep_in_memory=True)
+    data = _generate(name, seed, sizes)
+    write_atomically(folder, lambda tmp: data.save_to_disk(str(tmp)), "dataset_dict.json")
+    return data
+
+
+def _generate(name: str, seed: int, sizes: dict[str, int]) -> DatasetDict:
     return DatasetDict({split: _split(name, seed, split, size) for split, size in sizes.items()})
+
+
+def cache_folder(name: str, seed: int) -> Path:
+    """Where the rows of ``name`` for ``seed`` at the default sizes are cached (they may not be yet)."""
+    return cache_root() / "datasets" / f"{name}-seed{seed}-{_source_hash()}"
+
+
+def _source_hash() -> str:
+    """Hash of what decides the rows besides the arguments: the generators' source and VADER's lexicon and
+    rules (its version), and the version of `datasets`, which writes and reads the cached files."""
+    payload = {"sources": project_sources(sys.modules[__name__]),
+               "vader": importlib.metadata.version("vaderSentiment"), "datasets": datasets.__version__}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]

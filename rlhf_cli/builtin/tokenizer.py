@@ -27,7 +27,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_cli.builtin.cache import cache_root, write_atomically
+from rlhf_cli.builtin.cache import cache_root, project_sources, write_atomically
 
 VOCAB_SIZE = 4096
 MODEL_MAX_LENGTH = 512
@@ -177,9 +177,4 @@ def _version_hash() -> str:
 def _corpus_sources() -> list[str]:
     from rlhf_cli.builtin import corpus
 
-    project_modules = [
-        value for value in vars(corpus).values()
-        if inspect.ismodule(value) and value.__name__.startswith("rlhf_cli.")
-    ]
-    modules = sorted({corpus, *project_modules}, key=lambda module: module.__name__)
-    return [inspect.getsource(module) for module in modules]
+    return project_sources(corpus)

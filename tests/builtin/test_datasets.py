@@ -1,11 +1,13 @@
 """Built-in datasets: columns, determinism, held-out prompts and the preference gap."""
 
+import inspect
 import re
 
 import pytest
 from datasets import DatasetDict
 
 from rlhf_cli.builtin import corpus
+from rlhf_cli.builtin import datasets as datasets_module
 from rlhf_cli.builtin.datasets import (
     BUILTIN_DATASETS,
     DEFAULT_SIZES,
@@ -164,7 +166,7 @@ def test_empty_splits_keep_their_columns():
 @pytest.mark.parametrize("name", sorted(BUILTIN_DATASETS))
 def test_default_sizes_can_be_generated(name):
     """Default sizes are reachable (enough distinct held-out prompts) in a few seconds each."""
-    data = load_builtin_dataset(name)
+    data = load_builtin_dataset(name, cache=False)
     assert (data["train"].num_rows, data["test"].num_rows) == DEFAULT_SIZES[name]
 
 
@@ -180,3 +182,38 @@ def test_text_worlds_load_without_pillow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) > 0
+
+
+def test_the_default_sizes_are_generated_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """Every launch (and every process of one) loads its built-in data at the default sizes: generating them
+    took 1-9 s each time, reading them back takes milliseconds. What is read back is what was generated: rows,
+    column types (nested messages and tool schemas included) and order. Other sizes are generated each time."""
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
+    for name in ("arithmetic", "shape-prompts", "tool-arithmetic-chat-demos"):
+        generated = load_builtin_dataset(name, seed=2)
+        folder = datasets_module.cache_folder(name, 2)
+        assert folder.parent == tmp_path / "builtin" / "datasets" and (folder / "dataset_dict.json").is_file()
+        with monkeypatch.context() as patched:  # no generation from here on
+            patched.setattr(datasets_module, "_split", lambda *args: pytest.fail("generated instead of read"))
+            cached = load_builtin_dataset(name, seed=2)
+        for split in ("train", "test"):
+            assert cached[split].features == generated[split].features
+            assert cached[split].to_dict() == generated[split].to_dict()
+            assert not cached[split].cache_files  # in memory: `map` writes nothing into the cache folder
+        assert load_builtin_dataset(name, seed=2, cache=False)["test"].to_dict() == generated["test"].to_dict()
+    load_builtin_dataset("arithmetic", seed=2, num_train=10)  # not the default size: generated, not cached
+    assert sorted(path.name for path in folder.parent.iterdir()) == sorted(  # no temporary folder left behind
+        datasets_module.cache_folder(name, 2).name for name in ("arithmetic", "shape-prompts", "tool-arithmetic-chat-demos"))
+
+
+def test_the_cache_key_covers_the_seed_and_every_module_the_rows_come_from(monkeypatch):
+    from rlhf_cli.builtin import lexicon, sentiment
+    from rlhf_cli.environments import calculator
+
+    folder = datasets_module.cache_folder("reviews", 0)
+    assert len({folder, datasets_module.cache_folder("reviews", 1), datasets_module.cache_folder("review-chat", 0)}) == 3
+    # the grammar's word lists (through corpus.py), the gold scorer, and the calculator (a function tool_world.py imports)
+    sources = datasets_module.project_sources(datasets_module)
+    assert {inspect.getsource(module) for module in (datasets_module, lexicon, sentiment, calculator)} <= set(sources)
+    monkeypatch.setattr(datasets_module, "project_sources", lambda module: [*sources[:-1], sources[-1] + "# edited"])
+    assert datasets_module.cache_folder("reviews", 0) != folder
