@@ -16,8 +16,8 @@ paid by every process of every launch; now a dataset at those sizes is generated
 from ``$RLHF_CACHE/builtin/datasets/<name>-seed<seed>-<hash>/`` (a ``save_to_disk`` folder, read into
 memory in ~0.05 s; other sizes, asked for by tests and programs, are generated each time). The hash
 covers the source of this module and of every project module it uses, and the versions of VADER and
-``datasets``, so that editing the grammar regenerates instead of
-reading stale rows. Two rules keep the evaluation honest:
+``datasets``, so that editing the grammar regenerates instead of reading stale rows. Two rules keep
+the evaluation honest:
 
 * Held-out prompts. A fixed tenth of all prompt strings (chosen by a CRC32 hash of the text, so
   the same for every seed and every dataset) may be the prompt of test rows only, the rest of
