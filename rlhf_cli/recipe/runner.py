@@ -39,7 +39,7 @@ from rlhf_cli.config.loader import to_dict
 from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 from rlhf_cli.recipe.spec import Recipe, RecipeStage, load_recipe
-from rlhf_cli.training.checkpoint import latest_checkpoint
+from rlhf_cli.training.checkpoint_scan import latest_checkpoint
 from rlhf_cli.training.output import config_hash, holds_run
 from rlhf_cli.training.progress import setup_logging
 

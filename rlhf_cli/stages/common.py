@@ -15,7 +15,7 @@ from rlhf_cli.config.schema import STAGES
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.loading import describe_model
 from rlhf_cli.training.accel import launch_warnings, make_accelerator
-from rlhf_cli.training.checkpoint import resume_checkpoint, set_aside_damaged
+from rlhf_cli.training.checkpoint_scan import resume_checkpoint, set_aside_damaged
 from rlhf_cli.training.metrics import MetricsWriter
 from rlhf_cli.training.model_card import write_model_cards
 from rlhf_cli.training.output import (

@@ -107,7 +107,7 @@ def loss_fault(accelerator, loss: float) -> str | None:
 
 def nonfinite_message(fault: str, step: int, output_dir: Path, option: str) -> str:
     """The one line a run stopped by a numerical fault ends with: what, where, the last good checkpoint, what to do."""
-    from rlhf_cli.training.checkpoint import latest_checkpoint
+    from rlhf_cli.training.checkpoint_scan import latest_checkpoint
 
     last = latest_checkpoint(output_dir)
     where = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"

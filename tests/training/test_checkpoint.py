@@ -11,14 +11,13 @@ from accelerate import Accelerator
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.training.checkpoint import (
+from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_cli.training.checkpoint_scan import (
     checkpoint_problem,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     resume_checkpoint,
     safetensors_problem,
-    save_checkpoint,
 )
 from rlhf_cli.training.loop import BatchOrder
 

@@ -10,7 +10,7 @@ import pytest
 from rlhf_cli.cli import resume_command
 from rlhf_cli.errors import Interrupted
 from rlhf_cli.training import signals
-from rlhf_cli.training.checkpoint import STATE_FILE, list_checkpoints
+from rlhf_cli.training.checkpoint_scan import STATE_FILE, list_checkpoints
 
 
 class OneProcess:
