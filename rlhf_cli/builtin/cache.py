@@ -48,6 +48,6 @@ def project_sources(module: ModuleType) -> list[str]:
         for value in vars(current).values():
             home_name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
             home = sys.modules.get(home_name) if isinstance(home_name, str) else None
-            if home is not None and home.__name__.startswith("rlhf_cli.") and home.__name__ not in found:
+            if home is not None and home.__name__.startswith("rlhf_cli."):
                 pending.append(home)
     return [inspect.getsource(found[name]) for name in sorted(found)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import gather_object
 
-from rlhf_cli.config.schema import DPOOptions
+from rlhf_cli.config.options import DPOOptions
 from rlhf_cli.dpo.logprobs import SequenceLogps, sequence_logps
 from rlhf_cli.dpo.losses import dpo_losses
 from rlhf_cli.dpo.reference import Reference, num_sequences

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch.nn.utils.rnn import pad_sequence
 
-from rlhf_cli.config.schema import EvalOptions
+from rlhf_cli.config.options import EvalOptions
 from rlhf_cli.data.loading import load_dataset_dict, require_columns
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.metrics import perplexity

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cli.config.schema import PPOOptions
+from rlhf_cli.config.options import PPOOptions
 from rlhf_cli.lm.masking import WHITEN_EPS, masked_var, masked_whiten
 from rlhf_cli.online.algorithm import Algorithm, MicroBatch, entropy_term
 from rlhf_cli.ppo.advantages import gae, whiten_advantages

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.config.schema import DPOOptions
+from rlhf_cli.config.options import DPOOptions
 from rlhf_cli.dpo.logprobs import SequenceLogps
 from rlhf_cli.dpo.losses import dpo_losses
 from rlhf_cli.dpo.objective import DPOObjective, pair_terms, summarize

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_cli.config.schema import GRPOOptions, RLOOOptions
+from rlhf_cli.config.options import GRPOOptions, RLOOOptions
 from rlhf_cli.online.algorithm import MicroBatch
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.grpo import GRPO

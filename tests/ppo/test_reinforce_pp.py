@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.config.schema import PPOOptions
+from rlhf_cli.config.options import PPOOptions
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.ppo.algorithm import PPO
 
