@@ -2,8 +2,10 @@
 
 import logging
 import os
+import sys
 from pathlib import Path
 
+import accelerate.utils.other
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
@@ -35,12 +37,32 @@ def mixed_precision(training: TrainingConfig) -> str:
     return "no"
 
 
+def unwrap_without_importing_deepspeed() -> None:
+    """Make accelerate's unwrapping (`unwrap_model`, and transformers' `save_pretrained` through it) import
+    DeepSpeed only where it can be in use.
+
+    To test whether a model is DeepSpeed's engine, accelerate imports deepspeed whenever it is installed:
+    1.3 s of every process here (1 s of it mlflow, which DeepSpeed's autotuner imports), in runs that never
+    use it. A model can only be that engine once deepspeed has been imported, so the test is skipped until
+    then; `is_deepspeed_available` in that module serves this test alone (accelerate 1.16)."""
+    check = accelerate.utils.other.is_deepspeed_available
+    if getattr(check, "rlhf_lazy", False):
+        return
+
+    def imported_and_available() -> bool:
+        return "deepspeed" in sys.modules and check()
+
+    imported_and_available.rlhf_lazy = True
+    accelerate.utils.other.is_deepspeed_available = imported_and_available
+
+
 def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
     """One Accelerator per run. Gradient accumulation is done by the loop itself (it needs the
     token count of the whole accumulated batch to normalise the loss). The trackers of
     training.report_to are named here and started once the output folder is ready
     (training/trackers.py); tensorboard writes under <output_dir>/tensorboard."""
     precision = mixed_precision(training)
+    unwrap_without_importing_deepspeed()
     cpu = not torch.cuda.is_available()
     if cpu and asked_for("ACCELERATE_USE_DEEPSPEED"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported

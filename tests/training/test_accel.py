@@ -1,5 +1,10 @@
-"""Start-up warnings about how a run was launched (training/accel.py `launch_warnings`)."""
+"""training/accel.py: start-up warnings about how a run was launched (`launch_warnings`), and unwrapping
+that leaves DeepSpeed unimported where it is not in use."""
 
+import importlib.util
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -61,3 +66,30 @@ def test_an_engine_that_was_applied_is_only_said_untested(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     (warning,) = launch_warnings(accelerator(DistributedType.FSDP), "kto")
     assert warning.startswith("FSDP: rlhf kto has not been tested")
+
+
+def test_a_run_without_deepspeed_unwraps_and_saves_without_importing_it(tmp_path):
+    """accelerate imports deepspeed (and through it mlflow: 1.3 s) on every unwrap when it is installed; after
+    make_accelerator it does so only once deepspeed is in use, and then checks for its engine as before."""
+    program = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+
+        import accelerate.utils.other
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from rlhf_cli.config.sections import TrainingConfig
+        from rlhf_cli.training.accel import make_accelerator
+
+        accelerator = make_accelerator(TrainingConfig(output_dir="{tmp_path}"), Path("{tmp_path}"))
+        model = accelerator.prepare(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)))
+        accelerator.unwrap_model(model).save_pretrained("{tmp_path / 'model'}")  # transformers unwraps too
+        assert "deepspeed" not in sys.modules, "deepspeed imported"
+        if {importlib.util.find_spec("deepspeed") is not None}:
+            import deepspeed  # noqa: F401  (as a DeepSpeed run has: the engine test is back)
+            assert accelerate.utils.other.is_deepspeed_available()
+        print("ok")
+        """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
