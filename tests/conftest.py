@@ -43,6 +43,26 @@ def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """The order that keeps both cores of `pytest -n 2` busy. pyproject.toml asks for `--dist worksteal`: each
+    worker starts on its own contiguous share of this list and, once done, takes tests from the end of the
+    other's. So the tests that launch several processes (they take turns on the lock below) open the first
+    share, the other slow tests the second, and the quick ones fill the rest of each share and are the first
+    to move: one worker runs the multi-process tests while the other runs the slow single-process ones, and
+    no long test is left to run alone at the end (the 7-minute quickstart was among the last tests collected,
+    and under `--dist load` the two workers queued on the lock). A run without workers keeps the collection
+    order."""
+    if not hasattr(config, "workerinput"):
+        return
+    launches, slow, quick = [], [], []
+    for item in items:
+        marked = item.get_closest_marker
+        (launches if marked("multiprocess") else slow if marked("slow") else quick).append(item)
+    share = max(len(items) // config.workerinput["workercount"] - len(launches), 0)
+    items[:] = launches + quick[:share] + slow + quick[share:]
+
+
 @pytest.fixture(autouse=True)
 def environment_restored():
     """Each test starts from the same environment variables. Code a test runs in-process may set some (the
@@ -59,7 +79,8 @@ def one_multiprocess_launch_at_a_time(request, tmp_path_factory):
     """Tests marked `multiprocess` start several processes that wait on each other in collectives. In one
     CI run the SFT launch hung for its whole 900 s timeout (it passes alone in 14 s) while the other xdist
     worker ran such launches too; the cause is not pinned down, so under xdist they take turns through a
-    lock file: never two multi-process jobs on the 2 cores at once."""
+    lock file: never two multi-process jobs on the 2 cores at once. (pytest_collection_modifyitems
+    gives them to one worker; the other takes one only when it has run out of other tests.)"""
     if request.node.get_closest_marker("multiprocess") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return

@@ -254,6 +254,7 @@ def test_plan_skips_finished_resumes_interrupted_and_refuses_changed(tiny_recipe
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_skips_finished_resumes_interrupted_and_reruns_from(cli, tiny_recipe, tmp_path):
     recipe, out = tiny_recipe(), tmp_path / "out"
 

@@ -62,6 +62,7 @@ def test_tokenizer_has_one_token_per_word_and_fixed_ids():
     assert tokenizer.decode(tokenizer("a pink star!").input_ids, skip_special_tokens=True) == "a pink star !"
 
 
+@pytest.mark.slow
 def test_cached_folder_is_a_plain_diffusers_pipeline(cache):
     assert cache == image_pipeline.cache_folder(0, FAST) and (cache / "model_index.json").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(cache)

@@ -50,6 +50,7 @@ def config(folder: Path, **sections) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_run_writes_metrics_grids_checkpoints_and_a_pipeline_diffusers_loads(cli, tmp_path, tiny_sd):
     result = cli("ddpo", str(config(tmp_path, training={"save_steps": 1})))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,6 +79,7 @@ def test_a_run_writes_metrics_grids_checkpoints_and_a_pipeline_diffusers_loads(c
         assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_lora_run_writes_weights_diffusers_load_and_eval_mode_scores_them(cli, tmp_path, tiny_sd):
     path = config(tmp_path, peft={"use_peft": True, "lora_r": 4, "lora_alpha": 8}, ddpo={"num_epochs": 1})
     result = cli("ddpo", str(path))
@@ -112,6 +114,7 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "images_per_s"} for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path, use_peft):
     settings = {"ddpo": {"num_epochs": 4, "per_prompt_stat_tracking": True, "per_prompt_stat_tracking_min_count": 2},
@@ -169,6 +172,7 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, sections, message):
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart-ddpo", "quickstart-ddpo-lora"])
 def test_the_quickstarts_make_held_out_images_more_compressible(cli, tmp_path, name):
     """20 epochs of 128 images (full weights: ~70 s on one core; LoRA: ~100 s). Measured on 4 seeds at lr
@@ -184,6 +188,7 @@ def test_the_quickstarts_make_held_out_images_more_compressible(cli, tmp_path, n
     assert evals[2] - evals[0] > 0.005, evals
 
 
+@pytest.mark.slow
 def test_the_stable_diffusion_config_runs_with_the_builtin_twins(cli, tmp_path, tiny_sd):
     """configs/ddpo-sd-compressibility.yaml as it is (LoRA on the attention, gradient checkpointing, one
     denoising step per UNet call, its grid prompts), with the built-in pipeline and prompts for the Hub's."""
@@ -200,6 +205,7 @@ def test_the_stable_diffusion_config_runs_with_the_builtin_twins(cli, tmp_path, 
     assert [r["optimizer_steps"] for r in read_metrics(out) if "loss" in r] == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_two_cpu_processes_share_the_images_and_end_with_identical_weights(tmp_path, use_peft):

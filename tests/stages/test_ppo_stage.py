@@ -54,6 +54,7 @@ def eval_scores(out: Path) -> list[float]:
     return [row["eval/scores"] for row in read_metrics(out) if "eval/scores" in row]
 
 
+@pytest.mark.slow
 def test_ppo_end_to_end_writes_what_a_user_needs(cli, tmp_path, write_yaml):
     out = tmp_path / "out"
     result = cli("ppo", str(write_yaml("ppo.yaml", ppo_config(out))))
@@ -227,6 +228,7 @@ def test_classifier_label_as_reward(tmp_path):
     assert torch.allclose(prob, direct.softmax(-1)[:, 1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_curve(cli, tmp_path, write_yaml):
     """Stopped after checkpoint-2 and resumed, a run logs exactly the rows of an uninterrupted run
     and ends with the same weights (policy and value head)."""

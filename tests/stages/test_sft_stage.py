@@ -437,6 +437,7 @@ def test_an_encoder_decoder_learns_arithmetic_from_prompt_completion_rows(tmp_pa
     assert samples and all(s["prompt"].endswith("=") and s["response"].strip() for s in samples), samples
 
 
+@pytest.mark.slow
 def test_an_encoder_decoder_lora_adapter_and_refused_inputs(data_dir, tmp_path):
     """LoRA on T5 is a SEQ_2_SEQ_LM adapter; plain-text rows and packing, which have no meaning for an
     encoder-decoder, exit 2 naming the key."""

@@ -127,6 +127,7 @@ def ppo_config(folder: Path, iterations: int = 4, save_steps: int = 2) -> tuple[
 # --- reproducibility -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sft_same_seed_same_metrics_and_run_info(tmp_path, text_file):
     a, b = sft_config(tmp_path / "a", text_file), sft_config(tmp_path / "b", text_file)
     run_to_end("sft", str(a))
@@ -147,6 +148,7 @@ def test_sft_same_seed_same_metrics_and_run_info(tmp_path, text_file):
     assert info["config_hash"] == config_hash("sft", load_stage_config("sft", tmp_path / "a" / "out" / "config.yaml", None, None))
 
 
+@pytest.mark.slow
 def test_ppo_same_seed_same_metrics(tmp_path):
     a, env_a = ppo_config(tmp_path / "a", iterations=2)
     b, env_b = ppo_config(tmp_path / "b", iterations=2)
