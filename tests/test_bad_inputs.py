@@ -259,6 +259,10 @@ def test_malformed_dataset_exits_2(monkeypatch, capsys, tmp_path, stage, name, c
     path.write_text(yaml_text(config).replace("OUT", str(tmp_path / "out")))
     code, stderr = run_in_process(monkeypatch, capsys, stage, str(path))
     assert_user_error(code, stderr, *needles)
+    # the data (and a reward function's import) are checked before any model is loaded; a reward function
+    # that fails when called fails once the policy has generated
+    called = options.get("reward", "").startswith("bad_rewards:")
+    assert ("model: class" in stderr) == called, stderr[-2000:]
 
 
 # --- tokenizers without a pad token --------------------------------------------------------------

@@ -53,19 +53,20 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     run_ = start_run("ddpo", config, resume, overwrite)
     accelerator = run_.accelerator
 
-    # 2. The pipeline (any LoRA weights given fused in), the reward, the prompts; eval mode ends here. Loaded
-    #    whole (under ZeRO-3 transformers would partition the frozen text encoder as it loads); the UNet is
-    #    sharded when it is prepared (diffusion/trainer.py)
-    with loaded_whole(accelerator):
-        pipe = load_pipeline(config.model.model_name_or_path)
-    if config.model.lora_weights:
-        fuse_lora_weights(pipe, config.model.lora_weights)
-    pipe.to(accelerator.device)
+    # 2. The reward and the prompts (one that cannot be loaded stops the run before the pipeline is), then the
+    #    pipeline (any LoRA weights given fused in); eval mode ends here. Loaded whole (under ZeRO-3
+    #    transformers would partition the frozen text encoder as it loads); the UNet is sharded when it is
+    #    prepared (diffusion/trainer.py)
     reward = CombinedImageReward(config.reward)
     train_raw, test_raw = load_splits(config.data)
     train = Prompts(train_raw, config.data.prompt_column, f"{config.data.dataset_name} (train)")
     test = Prompts(test_raw, config.data.prompt_column, f"{config.data.dataset_name} (test)") if test_raw is not None else None
     grid_prompts = options.grid_prompts or (test or train).texts[:GRID_ROWS]
+    with loaded_whole(accelerator):
+        pipe = load_pipeline(config.model.model_name_or_path)
+    if config.model.lora_weights:
+        fuse_lora_weights(pipe, config.model.lora_weights)
+    pipe.to(accelerator.device)
 
     trainer = None  # step 3's: once it exists its UNet (or peft model) samples (DDPOTrainer.unwrapped)
 

@@ -55,8 +55,18 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
     run_ = start_run("dpo", config, resume, overwrite)
     accelerator, training, data, opts = run_.accelerator, config.training, config.data, config.dpo
 
-    # 2. Tokenizer, policy and its frozen reference
+    # 2. Tokenizer and data: pairs -> prompt / chosen / rejected token ids, the boundary taken from the data
+    #    (a dataset that cannot be read stops the run here, before the models are loaded)
     tokenizer = load_stage_tokenizer(config.model)
+    train_raw, test_raw = load_splits(data)
+    with accelerator.main_process_first():
+        train, stats = tokenize_dpo_pairs(train_raw, tokenizer, data)
+        test = tokenize_dpo_pairs(test_raw, tokenizer, data)[0] if test_raw is not None else None
+    log.info("training pairs: %d kept of %d (%d cut to max_prompt_length %d / max_length %d, %d dropped with "
+             "identical sides once cut)", stats["kept"], stats["pairs"], stats["truncated"], data.max_prompt_length,
+             data.max_length, stats["dropped_identical"])
+
+    # 3. The policy and its frozen reference; the collator for the model's kind
     model, reference = load_dpo_policy(config)
     record_model(run_, model)
     if training.gradient_checkpointing:
@@ -76,14 +86,6 @@ def run(config: DPOConfig, resume: bool = False, overwrite: bool = False) -> Non
             "(its attention would mix the pairs of a batch); set dpo.padding_free: false."
         )
 
-    # 3. Data: pairs -> prompt / chosen / rejected token ids, the boundary taken from the data
-    train_raw, test_raw = load_splits(data)
-    with accelerator.main_process_first():
-        train, stats = tokenize_dpo_pairs(train_raw, tokenizer, data)
-        test = tokenize_dpo_pairs(test_raw, tokenizer, data)[0] if test_raw is not None else None
-    log.info("training pairs: %d kept of %d (%d cut to max_prompt_length %d / max_length %d, %d dropped with "
-             "identical sides once cut)", stats["kept"], stats["pairs"], stats["truncated"], data.max_prompt_length,
-             data.max_length, stats["dropped_identical"])
     if seq2seq:
         collate = Seq2SeqDPOCollator(tokenizer.pad_token_id, model.config.decoder_start_token_id)
     else:

@@ -89,16 +89,10 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     run_ = start_run(stage, config, resume, overwrite)
     accelerator, training = run_.accelerator, config.training
 
-    # 2. Policy (with a value head for a critic), reference (when used), tokenizer (left padding:
-    #    prompts end where responses start)
+    # 2. Tokenizer (left padding: prompts end where responses start), rewards, tools and prompts (under
+    #    protocol chat, conversations rendered with the tools' schemas): a reward, tool or dataset that cannot
+    #    be loaded stops the run here, before the policy is (minutes, for a large model)
     tokenizer = load_stage_tokenizer(config.model, padding_side="left")
-    model, reference = load_policy(config.model, config.peft, training.seed, critic,
-                                   with_value=algorithm.uses_critic, with_reference=algorithm.uses_reference)
-    record_model(run_, model.policy)
-    if training.gradient_checkpointing:
-        model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # 3. Rewards, tools and prompts (under protocol chat, conversations rendered with the tools' schemas)
     reward = CombinedReward(config.reward, accelerator.device)
     tools = environment_tools(config.environment) if config.environment.tools else None
     schemas = prompt_tools(config.environment, tools)
@@ -106,6 +100,13 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     train_ids, train_columns = prepare_prompts(train_raw, tokenizer, config, "train", schemas)
     test_ids, test_columns = (prepare_prompts(test_raw, tokenizer, config, "test", schemas) if test_raw is not None
                               else (None, None))
+
+    # 3. Policy (with a value head for a critic), reference (when used)
+    model, reference = load_policy(config.model, config.peft, training.seed, critic,
+                                   with_value=algorithm.uses_critic, with_reference=algorithm.uses_reference)
+    record_model(run_, model.policy)
+    if training.gradient_checkpointing:
+        model.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # 4. The trainer (optimizer, schedule, algorithm and alarm state); resume where a checkpoint left off
     alarms = AlarmMonitor(options, stage)  # reward-hacking alarms and stopping rules (online/alarms.py)

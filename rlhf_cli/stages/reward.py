@@ -170,12 +170,10 @@ def run(config: RewardModelConfig, resume: bool = False, overwrite: bool = False
     run_ = start_run("reward", config, resume, overwrite)
     accelerator, training, data = run_.accelerator, config.training, config.data
 
-    # 2. Tokenizer (right padding: encoders pool their first token) and the model with its scalar head
+    # 2. Tokenizer (right padding: encoders pool their first token) and data: pairs -> token ids (truncated or
+    #    dropped when too long), both sides of a pair in one batch; a dataset that cannot be read stops the
+    #    run here, before the model is loaded
     tokenizer = load_stage_tokenizer(config.model, padding_side="right")
-    model = load_reward_model(config, tokenizer)
-    record_model(run_, model)
-
-    # 3. Data: pairs -> token ids (truncated or dropped when too long); both sides of a pair in one batch
     train_raw, test_raw = load_splits(data)
     with accelerator.main_process_first():
         train, stats = tokenize_pairs(train_raw, tokenizer, data)
@@ -187,6 +185,10 @@ def run(config: RewardModelConfig, resume: bool = False, overwrite: bool = False
     )
     collate = PairCollator(tokenizer.pad_token_id)
     center = config.reward.center_rewards_coefficient
+
+    # 3. The model with its scalar head
+    model = load_reward_model(config, tokenizer)
+    record_model(run_, model)
 
     # 4. Train (the loop checkpoints, evaluates and resumes)
     def run_eval(prepared_model, dataset=test) -> dict[str, float]:

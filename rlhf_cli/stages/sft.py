@@ -153,12 +153,24 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
     run_ = start_run("sft", config, resume, overwrite)
     accelerator, training = run_.accelerator, config.training
 
-    # 2. Tokenizer and model (a LoRA adapter on top when asked)
+    # 2. Tokenizer and data: load, format and tokenize (a dataset that cannot be read stops the run here,
+    #    before the model is loaded)
     tokenizer = load_stage_tokenizer(config.model)
     seq2seq = is_encoder_decoder(config.model.model_name_or_path, config.model.trust_remote_code, config.model.revision)
     if seq2seq and config.data.packing:
         raise UserError("data.packing: packing joins examples into one sequence of a causal LM; "
                         f"{config.model.model_name_or_path} is an encoder-decoder. Set data.packing: false.")
+    train_raw, test_raw = load_splits(config.data)
+    tokenize = tokenize_seq2seq_dataset if seq2seq else tokenize_dataset
+    with accelerator.main_process_first():
+        train, stats = tokenize(train_raw, tokenizer, config.data)
+        test = tokenize(test_raw, tokenizer, config.data)[0] if test_raw is not None else None
+    log.info(
+        "training rows: %d kept of %d (%d truncated to %d tokens, %d dropped with no trainable token)",
+        stats["kept"], stats["examples"], stats["truncated"], config.data.max_length, stats["dropped_no_trainable_tokens"],
+    )
+
+    # 3. The model (a LoRA adapter on top when asked); the rows packed for it, collated
     model = load_model(config.model.model_name_or_path, task="seq2seq-lm" if seq2seq else "causal-lm",
                        is_trainable=True, **model_options(config.model))
     if training.gradient_checkpointing:
@@ -171,17 +183,6 @@ def run(config: SFTConfig, resume: bool = False, overwrite: bool = False) -> Non
         model = apply_lora(model, config.peft, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
     model = float32_master_weights(model)  # full weights saved in half precision train in float32
     record_model(run_, model)
-
-    # 3. Data: load, format and tokenize, (pack), collate
-    train_raw, test_raw = load_splits(config.data)
-    tokenize = tokenize_seq2seq_dataset if seq2seq else tokenize_dataset
-    with accelerator.main_process_first():
-        train, stats = tokenize(train_raw, tokenizer, config.data)
-        test = tokenize(test_raw, tokenizer, config.data)[0] if test_raw is not None else None
-    log.info(
-        "training rows: %d kept of %d (%d truncated to %d tokens, %d dropped with no trainable token)",
-        stats["kept"], stats["examples"], stats["truncated"], config.data.max_length, stats["dropped_no_trainable_tokens"],
-    )
     block_mask = False
     if config.data.packing:
         train = pack_dataset(train, config.data.max_length)

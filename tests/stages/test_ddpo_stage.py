@@ -163,6 +163,8 @@ def text(images, prompts, metadata):
     ({"reward": {"function": "ddpo_rewards:text"}}, "must return one number per image"),
     ({"model": {"model_name_or_path": "{tmp}"}}, "is not a diffusers pipeline: it has no model_index.json"),
     ({"data": {"prompt_column": "caption"}}, "caption"),
+    # the prompts are read before the pipeline is loaded: their error comes first
+    ({"data": {"prompt_column": "caption"}, "model": {"model_name_or_path": "{tmp}"}}, "data.prompt_column"),
 ])
 def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, sections, message):
     (tmp_path / "ddpo_rewards.py").write_text(REWARDS)
@@ -172,7 +174,7 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, sections, message):
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3.5)
 @pytest.mark.parametrize("name", ["quickstart-ddpo", "quickstart-ddpo-lora"])
 def test_the_quickstarts_make_held_out_images_more_compressible(cli, tmp_path, name):
     """20 epochs of 128 images (full weights: ~70 s on one core; LoRA: ~100 s). Measured on 4 seeds at lr

@@ -300,6 +300,7 @@ def test_cli_missing_column_is_a_user_error(cli, tmp_path, write_yaml):
     result = cli("reward", str(write_yaml("bad.yaml", LOCAL_LORA.format(data=data, out=tmp_path / "rm"))))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data.chosen_column: column 'chosen' not found" in result.stderr
+    assert "model: class" not in result.stderr  # the data is read before the model is loaded
 
 
 LEARN = """\
@@ -322,7 +323,7 @@ training:
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 def test_learns_the_built_in_preferences(cli, tmp_path, write_yaml):
     """Pretrained MiniLM + a scalar head: >= 0.9 held-out accuracy after 400 pairs (50 steps x 8).
 
