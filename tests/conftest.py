@@ -48,17 +48,18 @@ def pytest_collection_modifyitems(config, items):
     """The order that keeps both cores of `pytest -n 2` busy. pyproject.toml asks for `--dist worksteal`: each
     worker starts on its own contiguous share of this list and, once done, takes tests from the end of the
     other's. So the tests that launch several processes (they take turns on the lock below) open the first
-    share, the other slow tests the second, and the quick ones fill the rest of each share and are the first
-    to move: one worker runs the multi-process tests while the other runs the slow single-process ones, and
-    no long test is left to run alone at the end (the 7-minute quickstart was among the last tests collected,
-    and under `--dist load` the two workers queued on the lock). A run without workers keeps the collection
-    order."""
+    share, the other slow tests the second, longest first (`slow(minutes=N)`), and the quick ones fill the
+    rest of each share and are the first to move: one worker runs the multi-process tests while the other
+    runs the slow single-process ones, and no long test is left to run alone at the end (under `--dist load`
+    the 7-minute quickstart, among the last tests collected, ran alone for 5 minutes, and the two workers
+    queued on the lock). A run without workers keeps the collection order."""
     if not hasattr(config, "workerinput"):
         return
     launches, slow, quick = [], [], []
     for item in items:
         marked = item.get_closest_marker
         (launches if marked("multiprocess") else slow if marked("slow") else quick).append(item)
+    slow.sort(key=lambda item: -item.get_closest_marker("slow").kwargs.get("minutes", 0))  # stable
     share = max(len(items) // config.workerinput["workercount"] - len(launches), 0)
     items[:] = launches + quick[:share] + slow + quick[share:]
 

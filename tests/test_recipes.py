@@ -347,7 +347,7 @@ SHORTER_QUICKSTART = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=7)
 def test_shortened_quickstart_raises_the_gold_score(cli, tmp_path):
     """`rlhf run recipes/quickstart/recipe.yaml` with half the SFT steps, a third of the reward
     steps and 24 PPO iterations (~3 minutes on 2 cores): the reward model is learned, not given, and

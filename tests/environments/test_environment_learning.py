@@ -68,7 +68,7 @@ def evaluate(root: Path, models: list[Path], test: Path, tools: list[str]) -> di
     return json.loads((out / "eval.json").read_text())["models"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 def test_grpo_with_the_calculator_raises_held_out_accuracy_over_sft_and_over_no_tools(tmp_path):
     world = write_world(tmp_path)
     sft, grpo = tmp_path / "sft", tmp_path / "grpo"

@@ -154,7 +154,7 @@ def chat_online_config(model: Path | str, out: Path) -> dict:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 def test_chat_sft_then_grpo_and_eval_with_protocol_chat(chat_model, tmp_path):
     out = tmp_path / "grpo"
     result = run_cli("grpo", str(write(tmp_path / "grpo.yaml", chat_online_config(chat_model, out))))
