@@ -26,7 +26,7 @@ from rlhf_cli.training.cadence import RunCadence
 from rlhf_cli.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.training.loop import nonfinite_message
 from rlhf_cli.training.progress import StepProgress
-from rlhf_cli.training.sharding import full_model_state, loaded_whole, lockstep_batches, params_partitioned
+from rlhf_cli.training.sharding import full_model_state, lockstep_batches, params_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,14 @@ def run(config: DDPOConfig, resume: bool = False, overwrite: bool = False) -> No
     accelerator = run_.accelerator
 
     # 2. The reward and the prompts (one that cannot be loaded stops the run before the pipeline is), then the
-    #    pipeline (any LoRA weights given fused in); eval mode ends here. Loaded whole (under ZeRO-3
-    #    transformers would partition the frozen text encoder as it loads); the UNet is sharded when it is
-    #    prepared (diffusion/trainer.py)
+    #    pipeline (any LoRA weights given fused in); eval mode ends here. Loaded whole, as every model is
+    #    (training/accel.py `load_models_whole`); the UNet is sharded when it is prepared (diffusion/trainer.py)
     reward = CombinedImageReward(config.reward)
     train_raw, test_raw = load_splits(config.data)
     train = Prompts(train_raw, config.data.prompt_column, f"{config.data.dataset_name} (train)")
     test = Prompts(test_raw, config.data.prompt_column, f"{config.data.dataset_name} (test)") if test_raw is not None else None
     grid_prompts = options.grid_prompts or (test or train).texts[:GRID_ROWS]
-    with loaded_whole(accelerator):
-        pipe = load_pipeline(config.model.model_name_or_path)
+    pipe = load_pipeline(config.model.model_name_or_path)
     if config.model.lora_weights:
         fuse_lora_weights(pipe, config.model.lora_weights)
     pipe.to(accelerator.device)

@@ -82,8 +82,21 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
         deepspeed_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin, training)
+        load_models_whole()
     set_seed(training.seed)
     return accelerator
+
+
+def load_models_whole() -> None:
+    """Under DeepSpeed, models load whole on every process and ZeRO-3 partitions the trained one when it is
+    prepared, as for built-in models. accelerate leaves its DeepSpeed config where transformers reads it, and
+    with ZeRO-3 there `from_pretrained` partitions every model as it loads it (deepspeed.zero.Init): then the
+    frozen models (reference, reward model, text encoder), which no engine holds, are unusable, and the
+    evaluation before training reads empty weights (SFT from a model folder failed with "'weight' must be
+    2-D", PPO with "torch.cat(): expected a non-empty list")."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def asked_for(variable: str) -> bool:

@@ -170,23 +170,6 @@ def root_gathered(model):
         model.reshard()
 
 
-@contextmanager
-def loaded_whole(accelerator):
-    """Models loaded inside are whole on every process. Under ZeRO-3 transformers' `from_pretrained` partitions
-    a model as it loads it (DeepSpeed's zero.Init) so that the engine can take it over; a frozen model that no
-    engine holds (DDPO's text encoder) would stay partitioned and unusable (empty weights outside a forward)."""
-    if zero_stage(accelerator) != 3:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()  # what transformers reads (accelerate's zero3_init_context_manager leaves it set)
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter or gradient as one plain tensor (collective for a DTensor or a ZeRO-3 parameter)."""
     if isinstance(tensor, DTensor):
