@@ -50,9 +50,9 @@ def pytest_collection_modifyitems(config, items):
     other's. So the tests that launch several processes (they take turns on the lock below) open the first
     share, the other slow tests the second, longest first (`slow(minutes=N)`), and the quick ones fill the
     rest of each share and are the first to move: one worker runs the multi-process tests while the other
-    runs the slow single-process ones, and no long test is left to run alone at the end (under `--dist load`
-    the 7-minute quickstart, among the last tests collected, ran alone for 5 minutes, and the two workers
-    queued on the lock). A run without workers keeps the collection order."""
+    runs the slow single-process ones, and no long test is left to run alone at the end (the 7-minute
+    quickstart is among the last tests collected; under `--dist load` the two workers also queued on the
+    lock). A run without workers keeps the collection order."""
     if not hasattr(config, "workerinput"):
         return
     launches, slow, quick = [], [], []
