@@ -26,6 +26,8 @@ import yaml
 from image_pipelines import built_tiny_sd
 from safetensors.torch import load_file
 
+from rlhf_cli.models.loading import load_model, load_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 
 WEIGHTS_ATOL = 1e-6
@@ -68,6 +70,13 @@ DDPO = {"reward": {"function": "fakes.image_rewards:brightness"},
                  "sample_num_batches_per_epoch": 2, "train_batch_size": 2, "train_gradient_accumulation_steps": 2,
                  "train_timesteps_per_call": None, "train_clip_range": 1000.0, "eval_samples_per_prompt": 1,
                  "grid_seeds": [0]}}
+# The language models the runs start from, saved as folders by `write_recipe` (these names stand for them): every
+# run loads its models through `from_pretrained` as a real run does, where a built-in name is built instead.
+# Under ZeRO-3 that load partitioned each model (accelerate leaves its DeepSpeed config where transformers
+# reads it): SFT failed in its evaluation, PPO on its frozen reward model (training/accel.py load_models_whole).
+GPT2, T5, REWARD_MODEL = "tiny-gpt2", "tiny-t5", "tiny-gpt2-reward"
+FOLDERS = {GPT2: ("builtin:tiny-gpt2", "causal-lm"), T5: ("builtin:tiny-t5", "seq2seq-lm"),
+           REWARD_MODEL: ("builtin:tiny-gpt2?seed=5", "sequence-classification")}
 # Every run: (stage, data, other sections, weight files to compare). 4 optimizer steps each (online:
 # 2 iterations of 2 mini-batches); tiny GPT-2 unless the sections say otherwise.
 RUNS = {
@@ -86,10 +95,12 @@ RUNS = {
                  ["adapter_model.safetensors", "value_head.safetensors"]),
     # a second backbone in the wrapper: its registered parameters were not the optimizer's, and nothing
     # was clipped until the norm was taken over the optimizer's own
-    "ppo-critic": ("ppo", PROMPTS, {**ONLINE, "ppo": {**PPO, "value_model_name_or_path": "builtin:tiny-gpt2"}},
+    # and a reward model: frozen, whole on every process (under ZeRO-3 it once loaded partitioned and empty)
+    "ppo-critic": ("ppo", PROMPTS, {**ONLINE, "reward": {"model": REWARD_MODEL},
+                                    "ppo": {**PPO, "value_model_name_or_path": GPT2}},
                    ["model.safetensors", "value_head.safetensors"]),
     # an encoder-decoder policy shards inside the wrapper (alone it cannot: the refusal test below)
-    "ppo-t5": ("ppo", PROMPTS, {**ONLINE, "ppo": PPO, "model": {"model_name_or_path": "builtin:tiny-t5"}},
+    "ppo-t5": ("ppo", PROMPTS, {**ONLINE, "ppo": PPO, "model": {"model_name_or_path": T5}},
                ["model.safetensors", "value_head.safetensors"]),
     # no value head: the tied LM head of the wrapped policy must stay tied (it came back untied, once)
     "grpo": ("grpo", PROMPTS, {**ONLINE, "grpo": CRITIC_FREE}, ["model.safetensors"]),
@@ -102,7 +113,22 @@ RUNS = {
 }
 
 
+def save_models(folder: Path) -> None:
+    """Each of FOLDERS saved (with its tokenizer) as `folder`/<name>."""
+    for name, (builtin, task) in FOLDERS.items():
+        load_model(builtin, task=task).save_pretrained(folder / name)
+        load_tokenizer(builtin).save_pretrained(folder / name)
+
+
+def in_folder(value, folder: Path):
+    """`value` (a config, or one of its values) with each of FOLDERS' names made a path under `folder`."""
+    if isinstance(value, dict):
+        return {key: in_folder(item, folder) for key, item in value.items()}
+    return str(folder / value) if isinstance(value, str) and value in FOLDERS else value
+
+
 def write_config(path: Path, name: str) -> Path:
+    """The config of run `name`, its models the folders beside `path` (save_models)."""
     stage, data, sections, _ = RUNS[name]
     if stage == "ddpo":  # its own batch and length keys (ddpo.*); logging, evaluation and saving count epochs
         path.write_text(yaml.safe_dump({
@@ -112,7 +138,7 @@ def write_config(path: Path, name: str) -> Path:
             **sections}))
         return path
     config = {
-        "stage": stage, "model": {"model_name_or_path": "builtin:tiny-gpt2"},
+        "stage": stage, "model": {"model_name_or_path": GPT2},
         # 9 held-out rows over 2 processes in batches of 2: 3 forwards on one, 2 on the other
         "data": {**data, "max_train_samples": 64, "max_eval_samples": 9},
         "training": {"output_dir": "unused", "max_steps": 4, "per_device_train_batch_size": 4,
@@ -124,12 +150,13 @@ def write_config(path: Path, name: str) -> Path:
         config["training"].update(per_device_train_batch_size=2, gradient_accumulation_steps=2)
     if stage in ("ppo", "grpo", "rloo"):  # the length comes from total_episodes; 8 rollouts per process and iteration
         config["training"].update(max_steps=-1, per_device_train_batch_size=8, save_steps=1, eval_steps=None)
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(in_folder(config, path.parent)))
     return path
 
 
 def write_recipe(folder: Path, output_dir: Path) -> Path:
     """Every run as one stage of a recipe: one launch per engine (each launch costs ~10 s of start-up)."""
+    save_models(folder)
     stages = [{"name": name, "command": RUNS[name][0], "config": str(write_config(folder / f"{name}.yaml", name))}
               for name in RUNS]
     path = folder / f"recipe-{output_dir.name}.yaml"
