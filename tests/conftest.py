@@ -116,8 +116,7 @@ def sft_model(tmp_path_factory) -> Path:
     run's shared folder while the others wait on a lock, then all read it."""
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # .../pytest-N, this run's
+    shared = run_folder(tmp_path_factory)
     out = shared / "sft-model" / "out"
     with FileLock(str(shared / "sft-model.lock")):
         if not (out / "model.safetensors").is_file():
@@ -126,6 +125,13 @@ def sft_model(tmp_path_factory) -> Path:
                              "--set", "training.eval_steps=100", "--set", "data.max_eval_samples=64")
             assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """This test run's folder (.../pytest-N), which its xdist workers share. (The parent of a run without
+    workers is every run's: what is kept there outlives the run.)"""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def read_head_in_chunks(monkeypatch, logits: int) -> None:

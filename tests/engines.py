@@ -18,11 +18,14 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from architectures import save_tiny
+from conftest import run_folder
 from image_pipelines import built_tiny_sd
 from safetensors.torch import load_file
 
@@ -74,9 +77,22 @@ DDPO = {"reward": {"function": "fakes.image_rewards:brightness"},
 # run loads its models through `from_pretrained` as a real run does, where a built-in name is built instead.
 # Under ZeRO-3 that load partitioned each model (accelerate leaves its DeepSpeed config where transformers
 # reads it): SFT failed in its evaluation, PPO on its frozen reward model (training/accel.py load_models_whole).
-GPT2, T5, REWARD_MODEL = "tiny-gpt2", "tiny-t5", "tiny-gpt2-reward"
-FOLDERS = {GPT2: ("builtin:tiny-gpt2", "causal-lm"), T5: ("builtin:tiny-t5", "seq2seq-lm"),
-           REWARD_MODEL: ("builtin:tiny-gpt2?seed=5", "sequence-classification")}
+# Besides GPT-2 and T5, two families real runs bring (tests/architectures.py): Llama (RoPE, grouped-query
+# attention, tied embeddings, pad == eos) and Qwen2 (the same, its LM head untied).
+GPT2, T5, REWARD_MODEL, LLAMA, QWEN2 = "tiny-gpt2", "tiny-t5", "tiny-gpt2-reward", "tiny-llama", "tiny-qwen2"
+
+
+def saved_builtin(name: str, task: str):
+    def save(folder: Path) -> None:
+        load_model(name, task=task).save_pretrained(folder)
+        load_tokenizer(name).save_pretrained(folder)
+
+    return save
+
+
+FOLDERS = {GPT2: saved_builtin("builtin:tiny-gpt2", "causal-lm"), T5: saved_builtin("builtin:tiny-t5", "seq2seq-lm"),
+           REWARD_MODEL: saved_builtin("builtin:tiny-gpt2?seed=5", "sequence-classification"),
+           LLAMA: partial(save_tiny, "llama"), QWEN2: partial(save_tiny, "qwen2")}
 # Every run: (stage, data, other sections, weight files to compare). 4 optimizer steps each (online:
 # 2 iterations of 2 mini-batches); tiny GPT-2 unless the sections say otherwise.
 RUNS = {
@@ -103,8 +119,10 @@ RUNS = {
     "ppo-t5": ("ppo", PROMPTS, {**ONLINE, "ppo": PPO, "model": {"model_name_or_path": T5}},
                ["model.safetensors", "value_head.safetensors"]),
     # no value head: the tied LM head of the wrapped policy must stay tied (it came back untied, once)
-    "grpo": ("grpo", PROMPTS, {**ONLINE, "grpo": CRITIC_FREE}, ["model.safetensors"]),
-    "rloo": ("rloo", PROMPTS, {**ONLINE, "rloo": CRITIC_FREE}, ["model.safetensors"]),
+    "grpo": ("grpo", PROMPTS, {**ONLINE, "grpo": CRITIC_FREE, "model": {"model_name_or_path": LLAMA}},
+             ["model.safetensors"]),
+    "rloo": ("rloo", PROMPTS, {**ONLINE, "rloo": CRITIC_FREE, "model": {"model_name_or_path": QWEN2}},
+             ["model.safetensors"]),
     # a diffusers UNet: sampled by every process in step (evaluation, grids), saved through a whole copy
     "ddpo": ("ddpo", IMAGE_PROMPTS, {**DDPO, "peft": {"use_peft": False}}, ["unet/diffusion_pytorch_model.safetensors"]),
     # LoRA: the pipeline samples through the sharded peft model (its root's parameters gathered in its forward)
@@ -115,9 +133,8 @@ RUNS = {
 
 def save_models(folder: Path) -> None:
     """Each of FOLDERS saved (with its tokenizer) as `folder`/<name>."""
-    for name, (builtin, task) in FOLDERS.items():
-        load_model(builtin, task=task).save_pretrained(folder / name)
-        load_tokenizer(builtin).save_pretrained(folder / name)
+    for name, save in FOLDERS.items():
+        save(folder / name)
 
 
 def in_folder(value, folder: Path):
@@ -214,7 +231,7 @@ def ddp_runs(tmp_path_factory) -> Path:
     test session's other engine tests (under xdist too: the folder is shared by the workers, and the tests
     that launch processes take turns, conftest.py). The built-in pipeline is built first, so that no launch
     spends its time building it."""
-    shared = tmp_path_factory.getbasetemp().parent / "ddp-recipe"
+    shared = run_folder(tmp_path_factory) / "ddp-recipe"
     built_tiny_sd()
     if not (shared / "done").exists():
         shutil.rmtree(shared, ignore_errors=True)
