@@ -76,8 +76,8 @@ DDPO = {"reward": {"function": "fakes.image_rewards:brightness"},
 # The language models the runs start from, saved as folders by `write_recipe` (these names stand for them): every
 # run loads its models through `from_pretrained` as a real run does, where a built-in name is built instead.
 # Under ZeRO-3 that load partitioned each model (accelerate leaves its DeepSpeed config where transformers
-# reads it): SFT failed in its evaluation, PPO on its frozen reward model (training/accel.py load_models_whole);
-# under FSDP the critic's new head was empty on the second process (models/loading.py).
+# reads it): SFT failed in its evaluation, PPO on its frozen reward model; under FSDP the critic's new head was
+# empty on the second process (training/accel.py load_models_whole).
 # Besides GPT-2 and T5, two families real runs bring (tests/architectures.py): Llama (RoPE, grouped-query
 # attention, tied embeddings, pad == eos) and Qwen2 (the same, its LM head untied).
 GPT2, T5, REWARD_MODEL, LLAMA, QWEN2 = "tiny-gpt2", "tiny-t5", "tiny-gpt2-reward", "tiny-llama", "tiny-qwen2"

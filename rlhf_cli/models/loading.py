@@ -144,32 +144,11 @@ def load_model(
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     with (_as_user_error(name_or_path, config_key, f"a {task} model"), _attention_errors(attn_implementation),
-          torch.random.fork_rng(devices=[]), _fresh_weights_on_every_process()):
+          torch.random.fork_rng(devices=[])):
         torch.manual_seed(seed)
         return fuse_activations(AUTO_CLASSES[task].from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
         ))
-
-
-@contextlib.contextmanager
-def _fresh_weights_on_every_process() -> Iterator[None]:
-    """Every process initialises the weights a checkpoint lacks (a new score head), from `seed`. When
-    accelerate's FSDP asks for RAM-efficient loading (FSDP_CPU_RAM_EFFICIENT_LOADING), transformers leaves
-    them on the meta device on every process but the first, for FSDP to copy the first one's when the model
-    is prepared; a model no FSDP holds (a frozen reward model) or read before it is prepared (the critic's
-    head, copied into the value head) then has no data ("Cannot copy out of meta tensor"). The stored
-    weights load on every process either way, so this costs the fresh weights' initialisation alone; FSDP's
-    copy at prepare still runs as configured and copies equal weights."""
-    variable = "FSDP_CPU_RAM_EFFICIENT_LOADING"
-    saved = os.environ.get(variable)
-    os.environ[variable] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(variable)
-        else:
-            os.environ[variable] = saved
 
 
 def model_options(model_cfg) -> dict:

@@ -13,6 +13,7 @@ from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
     ProjectConfiguration,
+    disable_fsdp_ram_efficient_loading,
     set_seed,
 )
 
@@ -82,21 +83,32 @@ def make_accelerator(training: TrainingConfig, output_dir: Path) -> Accelerator:
         deepspeed_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin, training)
-        load_models_whole()
+    load_models_whole(accelerator)
     set_seed(training.seed)
     return accelerator
 
 
-def load_models_whole() -> None:
-    """Under DeepSpeed, models load whole on every process and ZeRO-3 partitions the trained one when it is
-    prepared, as for built-in models. accelerate leaves its DeepSpeed config where transformers reads it, and
-    with ZeRO-3 there `from_pretrained` partitions every model as it loads it (deepspeed.zero.Init): then the
-    frozen models (reference, reward model, text encoder), which no engine holds, are unusable, and the
-    evaluation before training reads empty weights (SFT from a model folder failed with "'weight' must be
-    2-D", PPO with "torch.cat(): expected a non-empty list")."""
-    from transformers.integrations import unset_hf_deepspeed_config
+def load_models_whole(accelerator: Accelerator) -> None:
+    """Every process loads every model whole, as for built-in models; the engine shards the trained one when
+    it is prepared. The engines' settings that transformers' `from_pretrained` reads would do otherwise:
+    - DeepSpeed: accelerate leaves its config where transformers reads it, and under ZeRO-3 `from_pretrained`
+      then partitions every model as it loads it (deepspeed.zero.Init). The frozen models (reference, reward
+      model, text encoder), which no engine holds, were unusable, and the evaluation before training read
+      empty weights (SFT from a model folder failed with "'weight' must be 2-D", PPO with "torch.cat():
+      expected a non-empty list").
+    - FSDP with `fsdp_cpu_ram_efficient_loading`: transformers leaves the weights a checkpoint lacks (a new
+      score head) on the meta device on every process but the first, for FSDP to copy the first one's at
+      prepare. A critic's head, copied into the value head before that, had no data ("Cannot copy out of meta
+      tensor"), as would a frozen reward model's. The stored weights load on every process either way, so
+      this costs the fresh weights' initialisation alone; the plugin, already built, still copies the first
+      process's weights at prepare (equal ones now).
+    The environment variable this sets goes with the stage (recipe/runner.py restores the environment)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from transformers.integrations import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
+        unset_hf_deepspeed_config()
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        disable_fsdp_ram_efficient_loading()
 
 
 def asked_for(variable: str) -> bool:
