@@ -27,9 +27,9 @@ from datasets import Dataset
 from rlhf_cli.config.schema import DPODataConfig
 from rlhf_cli.data.chat_spans import chat_template
 from rlhf_cli.data.collators import Seq2SeqCollator
-from rlhf_cli.data.loading import require_columns
+from rlhf_cli.data.loading import column_values, require_columns
 from rlhf_cli.data.preferences import prompt_column
-from rlhf_cli.data.sft_format import IGNORE_INDEX, _messages, _text
+from rlhf_cli.data.sft_format import IGNORE_INDEX, _messages, _row_dicts, _text
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,28 +62,35 @@ def _chat_ids(messages: list[dict], tokenizer, generation_prompt: bool) -> list[
     ))
 
 
-def split_pair(row: dict, tokenizer, cfg: DPODataConfig, prompt_col: str | None, index: int) -> tuple[list[int], list[int], list[int]]:
-    """One row -> (prompt ids, chosen response ids, rejected response ids), untruncated."""
-    chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        chosen, rejected = _messages(row, cfg.chosen_column, index), _messages(row, cfg.rejected_column, index)
-        chat_template(tokenizer)
-        if prompt_col:
-            prompt = _messages(row, prompt_col, index)
-        else:
-            prompt = common_messages(chosen, rejected)
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-        prompt_ids = _chat_ids(prompt, tokenizer, generation_prompt=True) if prompt else []
-        responses = []
-        for side, messages in zip(SIDES, (chosen, rejected), strict=True):
-            ids = _chat_ids(prompt + messages, tokenizer, generation_prompt=False)
-            if ids[: len(prompt_ids)] != prompt_ids:
-                raise UserError(
-                    f"data row {index}: the chat template does not render the prompt messages as a prefix of "
-                    f"prompt + {side}, so the response tokens cannot be found; use a template that does."
-                )
-            responses.append(ids[len(prompt_ids):])
-        return _non_empty_prompt(prompt_ids, tokenizer), responses[0], responses[1]
+def split_pairs(rows: list[dict], tokenizer, cfg: DPODataConfig, prompt_col: str | None,
+                indices: list[int]) -> list[tuple[list[int], list[int], list[int]]]:
+    """Rows -> (prompt ids, chosen response ids, rejected response ids) each, untruncated. The texts of
+    all plain rows go to the tokenizer in two calls (prompts with its special tokens, responses
+    without), which a fast tokenizer runs in Rust; conversations are rendered row by row."""
+    texts = [_pair_texts(row, cfg, prompt_col, i) for row, i in zip(rows, indices, strict=True)]
+    plain = [t for t in texts if t is not None]
+    prompts = iter(_encode([p for p, _, _ in plain if p], tokenizer, add_special_tokens=True))
+    responses = iter(_encode([r for _, *sides in plain for r in sides], tokenizer, add_special_tokens=False))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for row, i, pair in zip(rows, indices, texts, strict=True):
+        if pair is None:
+            out.append(_chat_pair(row, tokenizer, cfg, prompt_col, i))
+            continue
+        prompt_ids = next(prompts) if pair[0] else []
+        chosen, rejected = next(responses) + eos, next(responses) + eos
+        out.append((_non_empty_prompt(prompt_ids, tokenizer), chosen, rejected))
+    return out
+
+
+def _encode(texts: list[str], tokenizer, add_special_tokens: bool) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]] if texts else []
+
+
+def _pair_texts(row: dict, cfg: DPODataConfig, prompt_col: str | None, index: int) -> tuple[str, str, str] | None:
+    """A row of text -> (prompt, chosen response, rejected response); None for a conversation."""
+    if isinstance(row[cfg.chosen_column], list) or isinstance(row[cfg.rejected_column], list):
+        return None
     if prompt_col and isinstance(row[prompt_col], list):
         raise UserError(
             f"data row {index}: column {prompt_col!r} holds messages but {cfg.chosen_column!r} holds text; "
@@ -91,13 +98,30 @@ def split_pair(row: dict, tokenizer, cfg: DPODataConfig, prompt_col: str | None,
         )
     chosen, rejected = _text(row, cfg.chosen_column, index), _text(row, cfg.rejected_column, index)
     if prompt_col:
-        prompt = _text(row, prompt_col, index)
+        return _text(row, prompt_col, index), chosen, rejected
+    prompt = common_text_prefix(chosen, rejected)
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def _chat_pair(row: dict, tokenizer, cfg: DPODataConfig, prompt_col: str | None, index: int) -> tuple[list[int], list[int], list[int]]:
+    """A conversational row -> (prompt ids, chosen response ids, rejected response ids)."""
+    chosen, rejected = _messages(row, cfg.chosen_column, index), _messages(row, cfg.rejected_column, index)
+    chat_template(tokenizer)
+    if prompt_col:
+        prompt = _messages(row, prompt_col, index)
     else:
-        prompt = common_text_prefix(chosen, rejected)
+        prompt = common_messages(chosen, rejected)
         chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-    prompt_ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    responses = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos for text in (chosen, rejected)]
+    prompt_ids = _chat_ids(prompt, tokenizer, generation_prompt=True) if prompt else []
+    responses = []
+    for side, messages in zip(SIDES, (chosen, rejected), strict=True):
+        ids = _chat_ids(prompt + messages, tokenizer, generation_prompt=False)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise UserError(
+                f"data row {index}: the chat template does not render the prompt messages as a prefix of "
+                f"prompt + {side}, so the response tokens cannot be found; use a template that does."
+            )
+        responses.append(ids[len(prompt_ids):])
     return _non_empty_prompt(prompt_ids, tokenizer), responses[0], responses[1]
 
 
@@ -133,9 +157,8 @@ def tokenize_dpo_pairs(dataset: Dataset, tokenizer, cfg: DPODataConfig) -> tuple
 
     def encode(rows: dict, indices: list[int]) -> dict:
         out = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], "truncated": [], "identical": []}
-        for values, i in zip(zip(*rows.values(), strict=True), indices, strict=True):
-            row = dict(zip(rows, values, strict=True))
-            prompt, chosen, rejected = split_pair(row, tokenizer, cfg, prompt_col, i)
+        for (prompt, chosen, rejected), i in zip(split_pairs(_row_dicts(rows), tokenizer, cfg, prompt_col, indices),
+                                                 indices, strict=True):
             if chosen == rejected:
                 raise UserError(
                     f"data row {i}: {cfg.chosen_column!r} and {cfg.rejected_column!r} are the same response, so "
@@ -148,8 +171,8 @@ def tokenize_dpo_pairs(dataset: Dataset, tokenizer, cfg: DPODataConfig) -> tuple
 
     tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                             desc="Tokenizing pairs")
-    identical = torch.tensor(tokenized["identical"], dtype=torch.bool)  # (N,)
-    truncated = torch.tensor(tokenized["truncated"], dtype=torch.bool)  # (N,)
+    identical = torch.tensor(column_values(tokenized, "identical"), dtype=torch.bool)  # (N,)
+    truncated = torch.tensor(column_values(tokenized, "truncated"), dtype=torch.bool)  # (N,)
     stats = {"pairs": len(dataset), "kept": int((~identical).sum()), "truncated": int((truncated & ~identical).sum()),
              "dropped_identical": int(identical.sum())}
     if stats["kept"] == 0:

@@ -120,3 +120,9 @@ def require_columns(dataset: Dataset, columns: dict[str, str], source: str) -> N
                 f"{key}: column {column!r} not found in {source}; it has: {', '.join(dataset.column_names)}. "
                 f"Set {key} to the right column."
             )
+
+
+def column_values(dataset: Dataset, name: str) -> list:
+    """Every value of column `name`, read in one piece. (`dataset[name]` is a lazy column: iterating it,
+    as `np.asarray` or `list` do, reads row by row, ~0.3 s per 20,000 rows.)"""
+    return dataset[name][:]

@@ -29,8 +29,8 @@ from datasets import Dataset
 
 from rlhf_cli.config.schema import RewardDataConfig
 from rlhf_cli.data.chat_spans import chat_template
-from rlhf_cli.data.loading import require_columns
-from rlhf_cli.data.sft_format import _messages, _text
+from rlhf_cli.data.loading import column_values, require_columns
+from rlhf_cli.data.sft_format import _messages, _row_dicts, _text
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def tokenize_pairs(dataset: Dataset, tokenizer, cfg: RewardDataConfig) -> tuple[
     encode_kwargs = {"add_special_tokens": not chat}
 
     def encode(rows: dict, indices: list[int]) -> dict:
-        rows_as_dicts = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+        rows_as_dicts = _row_dicts(rows)
         texts = [pair_texts(row, tokenizer, cfg, prompt_col, i) for row, i in zip(rows_as_dicts, indices, strict=True)]
         for (chosen, rejected), i in zip(texts, indices, strict=True):
             if chosen == rejected:  # a data error; pairs that only become equal when cut are dropped below
@@ -133,8 +133,8 @@ def tokenize_pairs(dataset: Dataset, tokenizer, cfg: RewardDataConfig) -> tuple[
     tokenized = dataset.map(
         encode, batched=True, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing pairs"
     )
-    too_long = np.maximum(np.asarray(tokenized["chosen_length"]), np.asarray(tokenized["rejected_length"])) > cfg.max_length  # (N,)
-    identical = np.asarray(tokenized["identical"], dtype=bool)  # (N,)
+    too_long = np.maximum(column_values(tokenized, "chosen_length"), column_values(tokenized, "rejected_length")) > cfg.max_length  # (N,)
+    identical = np.asarray(column_values(tokenized, "identical"), dtype=bool)  # (N,)
     drop_long = too_long if cfg.long_pairs == "drop" else np.zeros_like(too_long)
     drop = drop_long | identical
     stats = {

@@ -22,7 +22,8 @@ from datasets import Dataset
 
 from rlhf_cli.config.schema import SFTDataConfig
 from rlhf_cli.data.chat_spans import chat_template, render
-from rlhf_cli.data.sft_format import _encode, _messages, _text, _with_eos, detect_format
+from rlhf_cli.data.loading import column_values
+from rlhf_cli.data.sft_format import _encode, _messages, _row_dicts, _text, _with_eos, detect_format
 from rlhf_cli.errors import UserError
 
 
@@ -44,8 +45,7 @@ def tokenize_seq2seq_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) ->
 
     def encode(rows: dict, indices: list[int]) -> dict:
         out = {"input_ids": [], "labels": [], "num_tokens": []}
-        for values, index in zip(zip(*rows.values(), strict=True), indices, strict=True):
-            row = dict(zip(rows, values, strict=True))
+        for row, index in zip(_row_dicts(rows), indices, strict=True):
             for source, target in _pairs(row, tokenizer, fmt, cfg, index):
                 out["input_ids"].append(source[-cfg.max_length:])
                 out["labels"].append(target[: cfg.max_length])
@@ -57,7 +57,7 @@ def tokenize_seq2seq_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) ->
     if len(tokenized) == 0:
         raise UserError(f"data: none of the {len(dataset)} conversations has an assistant turn to learn.")
     stats = {"examples": len(tokenized), "kept": len(tokenized), "dropped_no_trainable_tokens": 0,
-             "truncated": int((np.asarray(tokenized["num_tokens"]) > cfg.max_length).sum())}
+             "truncated": int((np.asarray(column_values(tokenized, "num_tokens")) > cfg.max_length).sum())}
     return tokenized.remove_columns(["num_tokens"]), stats
 
 
@@ -89,4 +89,4 @@ def _pairs(row: dict, tokenizer, fmt: str, cfg: SFTDataConfig, index: int) -> li
 
 def _target(tokenizer, text: str) -> list[int]:
     """A reply's tokens and the eos that ends it (the model learns to stop)."""
-    return _with_eos(_encode(tokenizer, text), tokenizer)
+    return _with_eos(_encode(tokenizer, text), tokenizer.eos_token_id)

@@ -24,6 +24,7 @@ from datasets import Dataset
 
 from rlhf_cli.config.schema import SFTDataConfig
 from rlhf_cli.data.chat_spans import assistant_mask, chat_template, clean_tool_calls, render, row_tools
+from rlhf_cli.data.loading import column_values
 from rlhf_cli.errors import UserError
 
 IGNORE_INDEX = -100
@@ -66,48 +67,75 @@ def tokenize_example(row: dict[str, Any], tokenizer, fmt: str, cfg: SFTDataConfi
     `num_tokens` is the length before truncation (tokenize_dataset counts truncations with it).
     `index` only names the row in error messages.
     """
+    return tokenize_examples([row], tokenizer, fmt, cfg, [index])[0]
+
+
+def tokenize_examples(rows: list[dict[str, Any]], tokenizer, fmt: str, cfg: SFTDataConfig, indices: list[int]) -> list[dict]:
+    """Many rows -> tokenize_example's dicts, in order. The plain-text pieces of all of them go to the
+    tokenizer in one call (a fast tokenizer encodes a list in Rust, ~3x faster than one call per row);
+    conversations are rendered row by row through the chat template."""
+    parts = [_plain_parts(row, fmt, cfg, index) for row, index in zip(rows, indices, strict=True)]
+    texts = [text for part in parts if part for side in part for text, _ in side]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    eos = tokenizer.eos_token_id  # a property that looks the token up: read once, not per row
+    out = []
+    for row, index, part in zip(rows, indices, parts, strict=True):
+        if part is None:
+            ids, labels = _conversational(row, tokenizer, fmt, cfg, index)
+        else:
+            prompt, completion = ([(list(next(encoded)), trained) for _, trained in side] for side in part)
+            ids, labels = _joined(prompt, completion, eos)
+        # Truncation keeps the first max_length tokens (labels stay aligned with ids).
+        out.append({"input_ids": ids[: cfg.max_length], "labels": labels[: cfg.max_length], "num_tokens": len(ids)})
+    return out
+
+
+def _plain_parts(row: dict, fmt: str, cfg: SFTDataConfig, index: int) -> tuple[list, list] | None:
+    """A row of plain text -> (prompt pieces, completion pieces), each piece (text, trained); None for a
+    conversation (messages, or prompt-completion holding lists of messages).
+
+    Prompt and completion are tokenized apart and concatenated, so the boundary is exact. With BPE,
+    tokenize(prompt + completion) can merge across it (prompt "Hel", completion "lo" -> one token
+    "Hello"); apart, the model trains on the prompt tokenized exactly as it will be at generation time,
+    followed by the completion tokens it must produce. Tool results (data.tool_result_markers) are
+    pieces of their own, as a text environment appends them, and never trained: the model does not
+    write them. A text row is a completion with no prompt."""
     if fmt == "text":
-        ids = _with_eos(_encode(tokenizer, _text(row, cfg.text_column, index)), tokenizer)
-        labels = list(ids)
-    elif fmt == "prompt-completion":
-        prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
-        if isinstance(prompt, list) or isinstance(completion, list):
-            ids, trained = _conversational_prompt_completion(row, tokenizer, cfg, index)
-            trained = trained if cfg.completion_only_loss else [True] * len(ids)
-        else:
-            # Tokenized apart and concatenated, so the prompt/completion boundary is exact. With BPE,
-            # tokenize(prompt + completion) can merge across the boundary (prompt "Hel", completion
-            # "lo" -> one token "Hello"); apart, the model trains on the prompt tokenized exactly as it
-            # will be at generation time, followed by the completion tokens it must produce. Tool
-            # results (data.tool_result_markers) are tokenized apart too, as a text environment
-            # appends them, and never trained: the model does not write them.
-            prompt_ids = _encode(tokenizer, _text(row, cfg.prompt_column, index))
-            completion = _text(row, cfg.completion_column, index)
-            completion_ids, completion_trained = [], []
-            for text, is_result in _segments(completion, cfg.tool_result_markers):
-                piece = _encode(tokenizer, text)
-                completion_ids += piece
-                completion_trained += [not is_result] * len(piece)
-            with_eos = _with_eos(completion_ids, tokenizer)
-            ids = prompt_ids + with_eos
-            trained = ([not cfg.completion_only_loss] * len(prompt_ids) + completion_trained
-                       + [True] * (len(with_eos) - len(completion_ids)))
-        labels = _mask_labels(ids, trained)
-    elif fmt == "messages":
-        messages = clean_tool_calls(_messages(row, cfg.messages_column, index))
-        chat_template(tokenizer)
-        where = f"data row {index}: column {cfg.messages_column!r}"
-        tools = row_tools(row.get(TOOLS_COLUMN), f"data row {index}")
-        if cfg.completion_only_loss:  # the assistant's turns, for any prefix-preserving template (chat_spans.py)
-            ids, trained = assistant_mask(tokenizer, messages, where, tools)
-            labels = _mask_labels(ids, trained)
-        else:
-            ids = render(tokenizer, messages, where, tools=tools)
-            labels = list(ids)
-    else:
+        return [], [(_text(row, cfg.text_column, index), True)]
+    if fmt != "prompt-completion" or isinstance(row[cfg.prompt_column], list) or isinstance(row[cfg.completion_column], list):
+        return None
+    prompt = _text(row, cfg.prompt_column, index)
+    completion = _text(row, cfg.completion_column, index)
+    return ([(prompt, not cfg.completion_only_loss)],
+            [(piece, not is_result) for piece, is_result in _segments(completion, cfg.tool_result_markers)])
+
+
+def _joined(prompt: list[tuple[list[int], bool]], completion: list[tuple[list[int], bool]], eos: int | None) -> tuple[list[int], list[int]]:
+    """Encoded pieces (ids, trained) -> (input ids, labels): the prompt, then the completion ending with the
+    tokenizer's eos (trained, so the model learns to stop), unless it already ends with it."""
+    completion_ids = [t for ids, _ in completion for t in ids]
+    with_eos = _with_eos(completion_ids, eos)
+    ids = [t for ids, _ in prompt for t in ids] + with_eos
+    trained = [flag for ids, flag in prompt + completion for _ in ids] + [True] * (len(with_eos) - len(completion_ids))
+    return ids, _mask_labels(ids, trained)
+
+
+def _conversational(row: dict, tokenizer, fmt: str, cfg: SFTDataConfig, index: int) -> tuple[list[int], list[int]]:
+    """A conversation -> (input ids, labels), rendered by the chat template."""
+    if fmt == "prompt-completion":
+        ids, trained = _conversational_prompt_completion(row, tokenizer, cfg, index)
+        return ids, _mask_labels(ids, trained if cfg.completion_only_loss else [True] * len(ids))
+    if fmt != "messages":
         raise ValueError(f"unknown SFT format {fmt!r}; expected one of {FORMATS}")
-    # Truncation keeps the first max_length tokens (labels stay aligned with ids).
-    return {"input_ids": ids[: cfg.max_length], "labels": labels[: cfg.max_length], "num_tokens": len(ids)}
+    messages = clean_tool_calls(_messages(row, cfg.messages_column, index))
+    chat_template(tokenizer)
+    where = f"data row {index}: column {cfg.messages_column!r}"
+    tools = row_tools(row.get(TOOLS_COLUMN), f"data row {index}")
+    if cfg.completion_only_loss:  # the assistant's turns, for any prefix-preserving template (chat_spans.py)
+        ids, trained = assistant_mask(tokenizer, messages, where, tools)
+        return ids, _mask_labels(ids, trained)
+    ids = render(tokenizer, messages, where, tools=tools)
+    return ids, list(ids)
 
 
 def tokenize_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) -> tuple[Dataset, dict]:
@@ -120,18 +148,18 @@ def tokenize_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) -> tuple[D
         raise UserError("data: the SFT dataset has no rows; check data.dataset_name and the split.")
     fmt = detect_format(dataset.column_names, cfg)
 
-    def encode(row, index):
-        out = tokenize_example(row, tokenizer, fmt, cfg, index)
-        labels = out["labels"]
+    def encode(rows: dict, indices: list[int]) -> dict:
+        examples = tokenize_examples(_row_dicts(rows), tokenizer, fmt, cfg, indices)
+        out = {key: [example[key] for example in examples] for key in ("input_ids", "labels", "num_tokens")}
         # list.count runs in C: no per-token Python loop. labels[0] is never a target (see top).
-        out["trainable"] = labels[1:].count(IGNORE_INDEX) < len(labels) - 1
+        out["trainable"] = [labels[1:].count(IGNORE_INDEX) < len(labels) - 1 for labels in out["labels"]]
         return out
 
     tokenized = dataset.map(
-        encode, with_indices=True, remove_columns=dataset.column_names, desc=f"Tokenizing ({fmt})"
+        encode, batched=True, with_indices=True, remove_columns=dataset.column_names, desc=f"Tokenizing ({fmt})"
     )
-    num_tokens = np.asarray(tokenized["num_tokens"])
-    trainable = np.asarray(tokenized["trainable"], dtype=bool)
+    num_tokens = np.asarray(column_values(tokenized, "num_tokens"))
+    trainable = np.asarray(column_values(tokenized, "trainable"), dtype=bool)
     stats = {
         "examples": len(dataset),
         "kept": int(trainable.sum()),
@@ -152,12 +180,16 @@ def tokenize_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) -> tuple[D
 # --- helpers -------------------------------------------------------------------------------------
 
 
+def _row_dicts(rows: dict[str, list]) -> list[dict]:
+    """A batch of `Dataset.map(batched=True)` (column -> values) -> one dict per row."""
+    return [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _with_eos(ids: list[int], tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
     if eos is None or (ids and ids[-1] == eos):
         return ids
     return ids + [eos]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.config.diffusion import DDPOConfig
-from rlhf_cli.data.loading import load_splits, require_columns
+from rlhf_cli.data.loading import column_values, load_splits, require_columns
 from rlhf_cli.diffusion.grid import save_grid
 from rlhf_cli.diffusion.pipeline import load_pipeline
 from rlhf_cli.diffusion.policy import fuse_lora_weights, save_trained, trainable_unet
@@ -40,7 +40,7 @@ class Prompts:
 
     def __init__(self, dataset, column: str, where: str):
         require_columns(dataset, {"data.prompt_column": column}, where)
-        self.texts = [str(p) for p in dataset[column]]
+        self.texts = [str(p) for p in column_values(dataset, column)]
         others = [c for c in dataset.column_names if c != column]
         self.metadata = [{c: row[c] for c in others} for row in dataset] if others else [{} for _ in self.texts]
         if not self.texts:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.data.loading import load_splits, require_columns
+from rlhf_cli.data.loading import column_values, load_splits, require_columns
 from rlhf_cli.environments.rollout import (
     environment_from_config,
     environment_tools,
@@ -44,7 +44,7 @@ def prepare_prompts(dataset, tokenizer, config, split: str, tools: list[dict] | 
     protocol chat) and the other columns (passed to reward functions)."""
     column = config.data.prompt_column
     require_columns(dataset, {"data.prompt_column": column}, f"{config.data.dataset_name} ({split})")
-    ids = encode_prompt_set(dataset[column], tokenizer, config.data, f"{split} prompts", tools)
+    ids = encode_prompt_set(column_values(dataset, column), tokenizer, config.data, f"{split} prompts", tools)
     columns = {c: dataset[c] for c in dataset.column_names if c != column}
     return ids, columns
 

@@ -32,14 +32,20 @@ def test_explicit_prompt_text(tok):
 def test_implicit_prompt_is_the_common_beginning_at_a_word_boundary(tok):
     assert common_text_prefix("Film was good", "Film was bad") == "Film was"
     assert common_text_prefix("good", "bad") == ""
-    data = Dataset.from_list([{"chosen": "The film was great fun.", "rejected": "The film was a bore."}])
+    # one batch: the texts of all rows are encoded together, and each row gets its own back
+    data = Dataset.from_list([{"chosen": "The film was great fun.", "rejected": "The film was a bore."},
+                              {"chosen": "Great.", "rejected": "Dull."},
+                              {"chosen": "A quiet gem.", "rejected": "A quiet mess."}])
     out, _ = tokenize_dpo_pairs(data, tok, DPODataConfig(prompt_column=None))
     assert out[0]["prompt_input_ids"] == ids(tok, "The film was")
     assert out[0]["chosen_input_ids"] == ids(tok, " great fun.") + [tok.eos_token_id]
+    assert out[0]["rejected_input_ids"] == ids(tok, " a bore.") + [tok.eos_token_id]
     # no shared beginning: the response is predicted from the start-of-text token
-    none_shared = Dataset.from_list([{"chosen": "Great.", "rejected": "Dull."}])
-    out, _ = tokenize_dpo_pairs(none_shared, tok, DPODataConfig(prompt_column=None))
-    assert out[0]["prompt_input_ids"] == [tok.bos_token_id]
+    assert out[1]["prompt_input_ids"] == [tok.bos_token_id]
+    assert out[1]["chosen_input_ids"] == ids(tok, "Great.") + [tok.eos_token_id]
+    assert out[1]["rejected_input_ids"] == ids(tok, "Dull.") + [tok.eos_token_id]
+    assert out[2]["prompt_input_ids"] == ids(tok, "A quiet")
+    assert out[2]["rejected_input_ids"] == ids(tok, " mess.") + [tok.eos_token_id]
 
 
 def test_messages_explicit_and_implicit(tok):

@@ -11,7 +11,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_cli.config.schema import SFTDataConfig
-from rlhf_cli.data.sft_format import detect_format, tokenize_dataset, tokenize_example
+from rlhf_cli.data.sft_format import detect_format, tokenize_dataset, tokenize_example, tokenize_examples
 from rlhf_cli.errors import UserError
 
 EOS, AB = 257, 256
@@ -201,6 +201,23 @@ def test_tokenize_dataset_truncates_and_drops_rows_without_trainable_tokens(tok)
     assert tokenized.column_names == ["input_ids", "labels"]
     assert tokenized[0] == {"input_ids": [81, 65, EOS], "labels": [X, 65, EOS]}
     assert tokenized[1] == {"input_ids": [119, 120, 121, 107], "labels": [X, X, X, 107]}
+
+
+def test_a_batch_encodes_its_plain_pieces_together_and_gives_each_row_its_own(tok):
+    """tokenize_examples sends every plain piece of a batch to the tokenizer in one call, and renders
+    conversations row by row: each row must get back exactly its own pieces, in order."""
+    markers = cfg(tool_result_markers=["<r>", "</r>"])
+    rows = [{"prompt": "ab", "completion": "c<r>d</r>e"},
+            {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]},
+            {"prompt": "x", "completion": "ab"}]
+    out = tokenize_examples(rows, tok, "prompt-completion", markers, [0, 1, 2])
+    assert out[0]["input_ids"] == [AB, *b("c"), *b("<r>d</r>"), *b("e"), EOS]
+    assert out[0]["labels"] == [X, *b("c"), *[X] * 8, *b("e"), EOS]
+    assert out[1]["input_ids"] == b("user: Q\nassistant: A") + [EOS]
+    assert out[1]["labels"] == [X] * len(b("user: Q\nassistant: ")) + b("A") + [EOS]
+    assert out[2]["input_ids"] == [*b("x"), AB, EOS] and out[2]["labels"] == [X, AB, EOS]
+    texts = tokenize_examples([{"text": "ab ab"}, {"text": "b a"}], tok, "text", cfg(), [0, 1])
+    assert [t["input_ids"] for t in texts] == [[AB, *b(" "), AB, EOS], [*b("b a"), EOS]]
 
 
 def test_empty_value_names_row_and_column(tok):
