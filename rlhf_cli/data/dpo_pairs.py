@@ -29,7 +29,7 @@ from rlhf_cli.data.chat_spans import chat_template
 from rlhf_cli.data.collators import Seq2SeqCollator
 from rlhf_cli.data.loading import column_values, require_columns
 from rlhf_cli.data.preferences import prompt_column
-from rlhf_cli.data.sft_format import IGNORE_INDEX, _messages, _row_dicts, _text
+from rlhf_cli.data.sft_format import IGNORE_INDEX, _messages, _row_dicts, _text, encode_texts
 from rlhf_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def split_pairs(rows: list[dict], tokenizer, cfg: DPODataConfig, prompt_col: str
     without), which a fast tokenizer runs in Rust; conversations are rendered row by row."""
     texts = [_pair_texts(row, cfg, prompt_col, i) for row, i in zip(rows, indices, strict=True)]
     plain = [t for t in texts if t is not None]
-    prompts = iter(_encode([p for p, _, _ in plain if p], tokenizer, add_special_tokens=True))
-    responses = iter(_encode([r for _, *sides in plain for r in sides], tokenizer, add_special_tokens=False))
+    prompts = iter(encode_texts(tokenizer, [p for p, _, _ in plain if p], add_special_tokens=True))
+    responses = iter(encode_texts(tokenizer, [r for _, *sides in plain for r in sides]))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for row, i, pair in zip(rows, indices, texts, strict=True):
@@ -81,10 +81,6 @@ def split_pairs(rows: list[dict], tokenizer, cfg: DPODataConfig, prompt_col: str
         chosen, rejected = next(responses) + eos, next(responses) + eos
         out.append((_non_empty_prompt(prompt_ids, tokenizer), chosen, rejected))
     return out
-
-
-def _encode(texts: list[str], tokenizer, add_special_tokens: bool) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]] if texts else []
 
 
 def _pair_texts(row: dict, cfg: DPODataConfig, prompt_col: str | None, index: int) -> tuple[str, str, str] | None:

@@ -23,7 +23,7 @@ from datasets import Dataset
 from rlhf_cli.config.schema import SFTDataConfig
 from rlhf_cli.data.chat_spans import chat_template, render
 from rlhf_cli.data.loading import column_values
-from rlhf_cli.data.sft_format import _encode, _messages, _row_dicts, _text, _with_eos, detect_format
+from rlhf_cli.data.sft_format import _messages, _row_dicts, _text, _with_eos, detect_format, encode_texts
 from rlhf_cli.errors import UserError
 
 
@@ -45,8 +45,8 @@ def tokenize_seq2seq_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) ->
 
     def encode(rows: dict, indices: list[int]) -> dict:
         out = {"input_ids": [], "labels": [], "num_tokens": []}
-        for row, index in zip(_row_dicts(rows), indices, strict=True):
-            for source, target in _pairs(row, tokenizer, fmt, cfg, index):
+        for examples in _examples(_row_dicts(rows), tokenizer, fmt, cfg, indices):
+            for source, target in examples:
                 out["input_ids"].append(source[-cfg.max_length:])
                 out["labels"].append(target[: cfg.max_length])
                 out["num_tokens"].append(max(len(source), len(target)))
@@ -61,8 +61,28 @@ def tokenize_seq2seq_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) ->
     return tokenized.remove_columns(["num_tokens"]), stats
 
 
-def _pairs(row: dict, tokenizer, fmt: str, cfg: SFTDataConfig, index: int) -> list[tuple[list[int], list[int]]]:
-    """One row -> its (input ids, target ids) examples, untruncated."""
+def _examples(rows: list[dict], tokenizer, fmt: str, cfg: SFTDataConfig,
+              indices: list[int]) -> list[list[tuple[list[int], list[int]]]]:
+    """Rows -> each row's (input ids, target ids) examples, untruncated. The inputs and the targets of all
+    plain rows go to the tokenizer in one call each; conversations are rendered row by row."""
+    plain = [_plain_pair(row, fmt, cfg, index) for row, index in zip(rows, indices, strict=True)]
+    sources = iter(encode_texts(tokenizer, [pair[0] for pair in plain if pair]))
+    targets = iter(encode_texts(tokenizer, [pair[1] for pair in plain if pair]))
+    eos = tokenizer.eos_token_id
+    return [_conversation_examples(row, tokenizer, fmt, cfg, index) if pair is None
+            else [(next(sources), _with_eos(next(targets), eos))]
+            for row, index, pair in zip(rows, indices, plain, strict=True)]
+
+
+def _plain_pair(row: dict, fmt: str, cfg: SFTDataConfig, index: int) -> tuple[str, str] | None:
+    """A prompt-completion row of text -> (input text, target text); None for a conversation."""
+    if fmt == "messages" or isinstance(row[cfg.prompt_column], list) or isinstance(row[cfg.completion_column], list):
+        return None
+    return _text(row, cfg.prompt_column, index), _text(row, cfg.completion_column, index)
+
+
+def _conversation_examples(row: dict, tokenizer, fmt: str, cfg: SFTDataConfig, index: int) -> list[tuple[list[int], list[int]]]:
+    """A conversation -> its (input ids, target ids) examples, untruncated."""
     if fmt == "messages":
         messages = _messages(row, cfg.messages_column, index)
         chat_template(tokenizer)
@@ -70,23 +90,19 @@ def _pairs(row: dict, tokenizer, fmt: str, cfg: SFTDataConfig, index: int) -> li
         return [(render(tokenizer, messages[:turn], where, add_generation_prompt=True),
                  _target(tokenizer, message["content"]))
                 for turn, message in enumerate(messages) if message["role"] == "assistant" and turn > 0]
-    prompt, completion = row[cfg.prompt_column], row[cfg.completion_column]
-    if isinstance(prompt, list) or isinstance(completion, list):
-        prompt = _messages(row, cfg.prompt_column, index)
-        completion = _messages(row, cfg.completion_column, index)
-        if len(completion) != 1 or completion[0]["role"] != "assistant":
-            raise UserError(
-                f"data row {index}: column {cfg.completion_column!r} must hold one assistant message for an "
-                f"encoder-decoder model (it holds {len(completion)} message(s)); put longer conversations in "
-                "data.messages_column."
-            )
-        chat_template(tokenizer)
-        where = f"data row {index}: column {cfg.prompt_column!r}"
-        return [(render(tokenizer, prompt, where, add_generation_prompt=True), _target(tokenizer, completion[0]["content"]))]
-    source = _encode(tokenizer, _text(row, cfg.prompt_column, index))
-    return [(source, _target(tokenizer, _text(row, cfg.completion_column, index)))]
+    prompt = _messages(row, cfg.prompt_column, index)
+    completion = _messages(row, cfg.completion_column, index)
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise UserError(
+            f"data row {index}: column {cfg.completion_column!r} must hold one assistant message for an "
+            f"encoder-decoder model (it holds {len(completion)} message(s)); put longer conversations in "
+            "data.messages_column."
+        )
+    chat_template(tokenizer)
+    where = f"data row {index}: column {cfg.prompt_column!r}"
+    return [(render(tokenizer, prompt, where, add_generation_prompt=True), _target(tokenizer, completion[0]["content"]))]
 
 
 def _target(tokenizer, text: str) -> list[int]:
     """A reply's tokens and the eos that ends it (the model learns to stop)."""
-    return _with_eos(_encode(tokenizer, text), tokenizer.eos_token_id)
+    return _with_eos(encode_texts(tokenizer, [text])[0], tokenizer.eos_token_id)

@@ -25,9 +25,10 @@ def examples(rows: list[dict], tok, **kw) -> tuple[list[dict], dict]:
 
 
 def test_prompt_completion_puts_the_prompt_in_the_encoder_and_the_completion_plus_eos_in_the_decoder(tok):
-    out, stats = examples([{"prompt": "2+2=", "completion": " 4"}], tok)
-    assert out == [{"input_ids": b("2+2="), "labels": b(" 4") + [EOS]}]
-    assert stats == {"examples": 1, "kept": 1, "dropped_no_trainable_tokens": 0, "truncated": 0}
+    # one batch: the inputs and the targets of all rows are encoded together, each row gets its own back
+    out, stats = examples([{"prompt": "2+2=", "completion": " 4"}, {"prompt": "x", "completion": "yz"}], tok)
+    assert out == [{"input_ids": b("2+2="), "labels": b(" 4") + [EOS]}, {"input_ids": b("x"), "labels": b("yz") + [EOS]}]
+    assert stats == {"examples": 2, "kept": 2, "dropped_no_trainable_tokens": 0, "truncated": 0}
 
 
 def test_each_assistant_turn_of_a_conversation_is_one_example_read_from_the_turns_before_it(tok):
