@@ -29,7 +29,19 @@ from rlhf_cli.config.sections import (
 
 
 @dataclass
-class SFTDataConfig(DataConfig):
+class TokenizedDataConfig(DataConfig):
+    """The data section of the stages that tokenize their whole training split before the first step."""
+
+    dataset_num_proc: int | None = option(
+        None,
+        "Processes that tokenize the dataset (`datasets` map's num_proc, TRL's dataset_num_proc); null: one. "
+        "Worth it for large conversational datasets, whose rows the chat template renders one at a time.",
+        min=1,
+    )
+
+
+@dataclass
+class SFTDataConfig(TokenizedDataConfig):
     dataset_format: str = option(
         "auto",
         "Row format: `text` (language modelling), `prompt-completion`, `messages` (conversational, "
@@ -53,7 +65,7 @@ class SFTDataConfig(DataConfig):
 
 
 @dataclass
-class RewardDataConfig(DataConfig):
+class RewardDataConfig(TokenizedDataConfig):
     dataset_name: str = option(
         "builtin:review-preferences",
         "Preference dataset: a `builtin:` name, Hub name, local file or `save_to_disk` folder.",
@@ -70,7 +82,7 @@ class RewardDataConfig(DataConfig):
 
 
 @dataclass
-class DPODataConfig(DataConfig):
+class DPODataConfig(TokenizedDataConfig):
     dataset_name: str = option(
         "builtin:review-preferences",
         "Preference dataset: a `builtin:` name, Hub name, local file or `save_to_disk` folder.",

@@ -166,7 +166,7 @@ def tokenize_dpo_pairs(dataset: Dataset, tokenizer, cfg: DPODataConfig) -> tuple
         return out
 
     tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                            desc="Tokenizing pairs")
+                            num_proc=cfg.dataset_num_proc, desc="Tokenizing pairs")
     identical = torch.tensor(column_values(tokenized, "identical"), dtype=torch.bool)  # (N,)
     truncated = torch.tensor(column_values(tokenized, "truncated"), dtype=torch.bool)  # (N,)
     stats = {"pairs": len(dataset), "kept": int((~identical).sum()), "truncated": int((truncated & ~identical).sum()),

@@ -130,9 +130,8 @@ def tokenize_pairs(dataset: Dataset, tokenizer, cfg: RewardDataConfig) -> tuple[
             out["margin"] = [_margin(row, cfg.margin_column, i) for row, i in zip(rows_as_dicts, indices, strict=True)]
         return out
 
-    tokenized = dataset.map(
-        encode, batched=True, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing pairs"
-    )
+    tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                            num_proc=cfg.dataset_num_proc, desc="Tokenizing pairs")
     too_long = np.maximum(column_values(tokenized, "chosen_length"), column_values(tokenized, "rejected_length")) > cfg.max_length  # (N,)
     identical = np.asarray(column_values(tokenized, "identical"), dtype=bool)  # (N,)
     drop_long = too_long if cfg.long_pairs == "drop" else np.zeros_like(too_long)

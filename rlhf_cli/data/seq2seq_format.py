@@ -53,7 +53,7 @@ def tokenize_seq2seq_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) ->
         return out
 
     tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                            desc=f"Tokenizing ({fmt}, encoder-decoder)")
+                            num_proc=cfg.dataset_num_proc, desc=f"Tokenizing ({fmt}, encoder-decoder)")
     if len(tokenized) == 0:
         raise UserError(f"data: none of the {len(dataset)} conversations has an assistant turn to learn.")
     stats = {"examples": len(tokenized), "kept": len(tokenized), "dropped_no_trainable_tokens": 0,

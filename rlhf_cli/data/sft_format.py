@@ -153,9 +153,8 @@ def tokenize_dataset(dataset: Dataset, tokenizer, cfg: SFTDataConfig) -> tuple[D
         out["trainable"] = [labels[1:].count(IGNORE_INDEX) < len(labels) - 1 for labels in out["labels"]]
         return out
 
-    tokenized = dataset.map(
-        encode, batched=True, with_indices=True, remove_columns=dataset.column_names, desc=f"Tokenizing ({fmt})"
-    )
+    tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                            num_proc=cfg.dataset_num_proc, desc=f"Tokenizing ({fmt})")
     num_tokens = np.asarray(column_values(tokenized, "num_tokens"))
     trainable = np.asarray(column_values(tokenized, "trainable"), dtype=bool)
     stats = {

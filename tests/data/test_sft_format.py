@@ -220,6 +220,22 @@ def test_a_batch_encodes_its_plain_pieces_together_and_gives_each_row_its_own(to
     assert [t["input_ids"] for t in texts] == [[AB, *b(" "), AB, EOS], [*b("b a"), EOS]]
 
 
+def test_several_processes_tokenize_what_one_does_and_name_the_same_bad_row(tok, monkeypatch):
+    """data.dataset_num_proc: the rows are split between processes (datasets' map); the result and the row
+    an error names (its index in the whole dataset) are those of one process."""
+    asked = []
+    map_rows = Dataset.map
+    monkeypatch.setattr(Dataset, "map", lambda self, *args, **kw: asked.append(kw["num_proc"]) or map_rows(self, *args, **kw))
+    rows = {"prompt": [f"q{i}" for i in range(40)], "completion": [f"a{i}" for i in range(40)]}
+    one, stats = tokenize_dataset(Dataset.from_dict(rows), tok, cfg())
+    two, two_stats = tokenize_dataset(Dataset.from_dict(rows), tok, cfg(dataset_num_proc=2))
+    assert asked == [None, 2]
+    assert two.to_list() == one.to_list() and two_stats == stats
+    rows["completion"][33] = ""
+    with pytest.raises(UserError, match=r"data row 33: column 'completion' is empty"):
+        tokenize_dataset(Dataset.from_dict(rows), tok, cfg(dataset_num_proc=2))
+
+
 def test_empty_value_names_row_and_column(tok):
     data = Dataset.from_dict({"text": ["fine", "also fine", ""]})
     with pytest.raises(UserError, match=r"data row 2: column 'text' is empty"):

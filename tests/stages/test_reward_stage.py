@@ -228,7 +228,8 @@ EVAL_METRICS = {"eval_loss", "eval_accuracy", "eval_margin", "eval_reward_mean",
 @pytest.mark.slow
 def test_cli_end_to_end(cli, tmp_path, write_yaml):
     out = tmp_path / "rm"
-    result = cli("reward", str(write_yaml("reward.yaml", TINY_REWARD.format(out=out))))
+    # the pairs tokenized by two processes (data.dataset_num_proc), as a large dataset would be
+    result = cli("reward", str(write_yaml("reward.yaml", TINY_REWARD.format(out=out))), "--set", "data.dataset_num_proc=2")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "config.json", "model.safetensors", "tokenizer.json",
                  "reward_stats.json", "checkpoint-4"):
