@@ -1,5 +1,6 @@
 """Shared fixtures. Built-in artifacts (the tokenizer) are cached once per test session."""
 
+import atexit
 import logging
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from forked_cli import ForkedCli, ForkedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,12 +20,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# this process's environment before any test changes it: the CLI server's (tests/forked_cli.py)
+FORKED_CLI = ForkedCli({**os.environ, "PYTHONUNBUFFERED": "1"})
+atexit.register(FORKED_CLI.close)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m rlhf_cli ARGS` as a user would, capturing output."""
+    """Run `python -m rlhf_cli ARGS` as a user would, capturing output: a new process, forked from a server
+    that has done the imports (tests/forked_cli.py) unless `env` changes what a library reads on import."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
+    forked = FORKED_CLI.run(list(args), cwd or REPO, full_env, timeout)
+    return forked or subprocess.run(
         [sys.executable, "-m", "rlhf_cli", *args],
         cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+
+
+def start_cli(*args: str, env: dict | None = None) -> "ForkedProcess | subprocess.Popen":
+    """Start `python -m rlhf_cli ARGS` (as run_cli does) and return at once: the Popen of a run whose
+    output is captured as text, for a test that signals it or watches its files."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return FORKED_CLI.start(list(args), REPO, full_env) or subprocess.Popen(
+        [sys.executable, "-m", "rlhf_cli", *args], cwd=REPO, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import start_cli
 from diffusers import StableDiffusionPipeline
 from image_pipelines import built_tiny_sd, unet_output
 from PIL import Image
@@ -105,11 +106,6 @@ def test_lora_run_writes_weights_diffusers_load_and_eval_mode_scores_them(cli, t
     assert scores["eval/reward_mean"] == pytest.approx(final["eval/reward_mean"], abs=1e-4)
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "images_per_s"} for r in rows]
 
@@ -122,7 +118,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path, use_peft)
     assert cli("ddpo", str(config(tmp_path / "ref", **settings))).returncode == 0
     path = config(tmp_path / "cut", **settings)
     out = tmp_path / "cut" / "out"
-    process = start("ddpo", str(path))
+    process = start_cli("ddpo", str(path))
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-2" / "trainer_state.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-2"

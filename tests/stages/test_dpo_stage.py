@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import start_cli
 from huggingface_hub import metadata_load
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -152,12 +153,6 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in rows]
 
 
-def start(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def same_weights(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
 
@@ -172,7 +167,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path):
     assert cli("dpo", str(dpo_config(tmp_path / "ref", data, **settings))).returncode == 0
     config = dpo_config(tmp_path / "cut", data, **settings)
     out = tmp_path / "cut" / "out"
-    process = start("dpo", str(config))
+    process = start_cli("dpo", str(config))
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-8" / "trainer_state.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-8"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import start_cli
 from huggingface_hub import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -102,11 +103,6 @@ def test_a_reward_of_the_wrong_count_or_nan_exits_2(cli, tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("episodes_per_s", "tokens_per_s")}
             for r in rows]
@@ -125,7 +121,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_run(cli, tmp_path, stage):
     assert cli(stage, str(config(tmp_path / "ref", stage, **settings))).returncode == 0
     path = config(tmp_path / "cut", stage, **settings)
     out = tmp_path / "cut" / "out"
-    process = start(stage, str(path))
+    process = start_cli(stage, str(path))
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-4" / "trainer_state.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-4"

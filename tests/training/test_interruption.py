@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import start_cli
 from safetensors.torch import load_file
 
 from rlhf_cli.training.metrics import read_metrics
@@ -41,11 +42,7 @@ def same_weights(a: Path, b: Path, name: str = "model.safetensors") -> bool:
 
 
 def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "rlhf_cli", *args], cwd=REPO, env=full_env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    return start_cli(*args, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
 
 
 def finish(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str]:

@@ -1,0 +1,237 @@
+"""`python -m rlhf_cli ARGS` in a new process, without paying the interpreter's imports each time.
+
+A CLI test's subprocess spends ~8-10 s importing torch, transformers, datasets, peft, accelerate and
+diffusers before it reads its config; most tests then train for a second or two. So each pytest worker
+starts one server (this file run as a script) that imports every rlhf_cli module once, then forks a child
+per run. The child is a new process as `python -m rlhf_cli` makes one: its own pid, working directory,
+environment, argv, stdout and stderr (files, read back as subprocess.run's capture), exit status (an
+uncaught exception prints its traceback and exits 1; a signal gives -N), atexit handlers run. What differs
+is only what happened at import time: a warning printed while importing appears once in the server's
+stderr instead of in each run's. Runs whose environment differs from the server's in a variable a library
+may read when imported (anything but PYTHONPATH, PYTHONUNBUFFERED and RLHF_*) are not forked:
+`run` returns None and the caller starts a real interpreter.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# read when called, never at import: a child may get another value than the server had
+RUNTIME_VARIABLES = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST")
+
+
+def serve() -> None:
+    """The server: import everything, then for each JSON request line on stdin fork a child and reply its pid
+    at once and its exit status when it ends, a JSON line each on stdout (several children may run at once)."""
+    import gc
+    import importlib
+    import pkgutil
+
+    import matplotlib.pyplot  # noqa: F401  (the eval stage's plots; imported when drawn)
+
+    import rlhf_cli
+
+    for module in pkgutil.walk_packages(rlhf_cli.__path__, "rlhf_cli."):
+        if module.name != "rlhf_cli.__main__":  # each child runs it, as `python -m` does
+            importlib.import_module(module.name)
+    python_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    # sys.path without this script's folder and the server's PYTHONPATH: a child puts its own before it
+    base_path = [entry for entry in sys.path[1:] if entry not in python_path]
+    gc.freeze()  # the imported objects out of the collector's sight: a child's collections leave their pages shared
+    reply({"env": dict(os.environ)})  # as the imports left it (torch sets TORCHINDUCTOR_CACHE_DIR)
+    requests, running = b"", set()
+    while True:
+        if select.select([0], [], [], 0.05 if running else None)[0]:
+            chunk = os.read(0, 65536)
+            if not chunk:  # the pytest process has gone
+                return
+            requests += chunk
+        while b"\n" in requests:
+            line, requests = requests.split(b"\n", 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_child(json.loads(line), base_path)  # ends in os._exit: the child never comes back here
+            running.add(pid)
+            reply({"pid": pid})
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                running.discard(pid)
+                reply({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+
+
+def reply(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def run_child(request: dict, base_path: list[str]) -> None:
+    """In the forked child: become `python -m rlhf_cli ARGS` started in `cwd` with `env`, run it, and exit as
+    the interpreter would, but without tearing down its modules: that touches every object the server
+    imported and copies all of its ~1 GB of pages (~1.5 s per run)."""
+    import atexit
+    import runpy
+    import traceback
+
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
+                            (2, request["stderr"], os.O_WRONLY)):
+        os.dup2(os.open(path, flags), fd)  # also closes the server's pipes in this process
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    python_path = [entry for entry in request["env"].get("PYTHONPATH", "").split(os.pathsep) if entry]
+    sys.path[:] = [request["cwd"], *python_path, *base_path]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.argv[:] = ["-m", *request["args"]]  # alter_sys makes argv[0] __main__.py's path, as `python -m` does
+    killed_by = None
+    try:
+        runpy.run_module("rlhf_cli", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:  # sys.exit(None | int | message), as the interpreter reads it
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+        if not isinstance(exit_.code, int | None):
+            print(exit_.code, file=sys.stderr)
+    except KeyboardInterrupt:  # the interpreter prints it, then dies of SIGINT
+        traceback.print_exc()
+        code, killed_by = 1, signal.SIGINT
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()  # what the interpreter does at exit: wait for non-daemon threads, then atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if killed_by is not None:
+        signal.signal(killed_by, signal.SIG_DFL)
+        os.kill(os.getpid(), killed_by)
+    os._exit(code)
+
+
+class ForkedCli:
+    """One server per pytest process, started at the first run with the environment `base_env`."""
+
+    def __init__(self, base_env: dict[str, str]):
+        self.base_env = dict(base_env)
+        self.server: subprocess.Popen | None = None
+        self.server_env: dict[str, str] = {}  # the server's after its imports: what a forked child starts from
+        self.pending = b""
+        self.finished: dict[int, int] = {}  # pid -> exit status, as the server reports them
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str]) -> "ForkedProcess | None":
+        """`args` started in a forked child; None where `env` differs from the server's in a variable that a
+        library may have read on import."""
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, cwd=REPO, env=self.base_env)
+            self.pending, self.finished = b"", {}
+            self.server_env = self._receive(None)["env"]
+        # what the imports add (a real process's imports add it too), unless the caller set it
+        env = {**{key: value for key, value in self.server_env.items() if key not in self.base_env}, **env}
+        changed = {key for key in self.server_env.keys() | env.keys() if self.server_env.get(key) != env.get(key)}
+        if not all(key in RUNTIME_VARIABLES or key.startswith("RLHF_") for key in changed):
+            return None
+        process = ForkedProcess(self, [sys.executable, "-m", "rlhf_cli", *args])
+        request = {"args": list(args), "cwd": str(cwd), "env": env, "stdout": str(process.out),
+                   "stderr": str(process.err)}
+        self.server.stdin.write((json.dumps(request) + "\n").encode())
+        self.server.stdin.flush()
+        while True:  # the server answers requests in order; other children's ends may come first
+            message = self._receive(None)
+            if "returncode" not in message:
+                process.pid = message["pid"]
+                return process
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
+        """`args` run to the end by a forked child (subprocess.run's result); None where `env` rules a fork out."""
+        process = self.start(args, cwd, env)
+        if process is None:
+            return None
+        try:
+            stdout, stderr = process.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(process.args, timeout, stdout, stderr) from None
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def exit_status(self, pid: int, timeout: float | None) -> int | None:
+        """`pid`'s exit status once the server reports it within `timeout` seconds (0: only what has arrived)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pid not in self.finished:
+            try:
+                message = self._receive(None if deadline is None else max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                return None
+            self.finished[message["pid"]] = message.get("returncode")
+        return self.finished[pid]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+
+    def _receive(self, timeout: float | None) -> dict:
+        """The server's next reply line; TimeoutError when none comes within `timeout` seconds."""
+        fd = self.server.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the CLI server exited ({self.server.wait()}); its stderr is the worker's")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+
+class ForkedProcess:
+    """What tests use of subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True) for a forked run. Its
+    output goes to files: `stdout` and `stderr` read what has been written so far."""
+
+    def __init__(self, cli: ForkedCli, args: list[str]):
+        self.cli, self.args, self.pid, self.returncode = cli, args, 0, None
+        self.folder = tempfile.TemporaryDirectory(prefix="rlhf-cli-")
+        self.out, self.err = Path(self.folder.name) / "stdout", Path(self.folder.name) / "stderr"
+        self.out.touch()
+        self.err.touch()
+        self.stdout, self.stderr = self.out.open(), self.err.open()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.cli.exit_status(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.cli.exit_status(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.stdout.read(), self.stderr.read()
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    serve()
