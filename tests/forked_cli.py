@@ -7,9 +7,10 @@ per run. The child is a new process as `python -m rlhf_cli` makes one: its own p
 environment, argv, stdout and stderr (files, read back as subprocess.run's capture), exit status (an
 uncaught exception prints its traceback and exits 1; a signal gives -N), atexit handlers run. What differs
 is only what happened at import time: a warning printed while importing appears once in the server's
-stderr instead of in each run's. Runs whose environment differs from the server's in a variable a library
-may read when imported (anything but PYTHONPATH, PYTHONUNBUFFERED and RLHF_*) are not forked:
-`run` returns None and the caller starts a real interpreter.
+stderr instead of in each run's. A run whose environment differs from the server's in a variable that
+Python or a library reads when it starts or is imported (IMPORT_TIME) is not forked: `start` returns None and
+the caller starts a real interpreter. Other variables (RANK, WANDB_MODE, RLHF_*, ...) are read when used: a
+child gets them as a new process would.
 """
 
 import json
@@ -24,8 +25,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# read when called, never at import: a child may get another value than the server had
-RUNTIME_VARIABLES = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_CURRENT_TEST")
+# Read by the interpreter at start-up or by torch, transformers, datasets, huggingface_hub, tokenizers,
+# accelerate, peft, diffusers and their native libraries when imported: a run that sets one of these differently
+# from the server needs its own interpreter. (PYTHONPATH is not among them: a child puts its entries on sys.path.)
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "PEFT_",
+               "DIFFUSERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_",
+               "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONIOENCODING",
+               "HOME", "XDG_", "TMPDIR", "LANG", "LC_")
 
 
 def serve() -> None:
@@ -126,19 +132,13 @@ class ForkedCli:
         self.server_env: dict[str, str] = {}  # the server's after its imports: what a forked child starts from
         self.pending = b""
         self.finished: dict[int, int] = {}  # pid -> exit status, as the server reports them
+        self.refused_for: list[str] = []  # the variables that made the last start a real interpreter's
 
     def start(self, args: list[str], cwd: Path, env: dict[str, str]) -> "ForkedProcess | None":
         """`args` started in a forked child; None where `env` differs from the server's in a variable that a
         library may have read on import."""
-        if self.server is None or self.server.poll() is not None:
-            self.server = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, cwd=REPO, env=self.base_env)
-            self.pending, self.finished = b"", {}
-            self.server_env = self._receive(None)["env"]
-        # what the imports add (a real process's imports add it too), unless the caller set it
-        env = {**{key: value for key, value in self.server_env.items() if key not in self.base_env}, **env}
-        changed = {key for key in self.server_env.keys() | env.keys() if self.server_env.get(key) != env.get(key)}
-        if not all(key in RUNTIME_VARIABLES or key.startswith("RLHF_") for key in changed):
+        env, self.refused_for = self.child_environment(env)
+        if self.refused_for:
             return None
         process = ForkedProcess(self, [sys.executable, "-m", "rlhf_cli", *args])
         request = {"args": list(args), "cwd": str(cwd), "env": env, "stdout": str(process.out),
@@ -150,6 +150,18 @@ class ForkedCli:
             if "returncode" not in message:
                 process.pid = message["pid"]
                 return process
+
+    def child_environment(self, env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        """A forked child's environment for a run given `env`, and the variables that rule a fork out."""
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, cwd=REPO, env=self.base_env)
+            self.pending, self.finished = b"", {}
+            self.server_env = self._receive(None)["env"]
+        # what the imports add (a real process's imports add it too), unless the caller set it
+        env = {**{key: value for key, value in self.server_env.items() if key not in self.base_env}, **env}
+        changed = {key for key in self.server_env.keys() | env.keys() if self.server_env.get(key) != env.get(key)}
+        return env, sorted(key for key in changed if key.startswith(IMPORT_TIME))
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
         """`args` run to the end by a forked child (subprocess.run's result); None where `env` rules a fork out."""
