@@ -32,6 +32,8 @@ IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_
                "DIFFUSERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_",
                "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONIOENCODING",
                "HOME", "XDG_", "TMPDIR", "LANG", "LC_")
+# ... except these, read when called: `import deepspeed` sets this one, which torch.cuda.is_available() reads
+READ_WHEN_CALLED = ("PYTORCH_NVML_BASED_CUDA_CHECK",)
 
 
 def serve() -> None:
@@ -161,7 +163,7 @@ class ForkedCli:
         # what the imports add (a real process's imports add it too), unless the caller set it
         env = {**{key: value for key, value in self.server_env.items() if key not in self.base_env}, **env}
         changed = {key for key in self.server_env.keys() | env.keys() if self.server_env.get(key) != env.get(key)}
-        return env, sorted(key for key in changed if key.startswith(IMPORT_TIME))
+        return env, sorted(key for key in changed if key.startswith(IMPORT_TIME) and key not in READ_WHEN_CALLED)
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
         """`args` run to the end by a forked child (subprocess.run's result); None where `env` rules a fork out."""
