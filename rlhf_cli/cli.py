@@ -143,6 +143,10 @@ def run_recipe_command(
         str | None,
         typer.Option("--from", metavar="STAGE", help="Run this stage and every later one again from scratch (their folders are replaced)."),
     ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", metavar="STAGE", help="Stop after this stage; the later ones are left as they are (a later run without --until goes on from there)."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", metavar="STAGE.KEY=VALUE", help="Override a key of one stage, e.g. --set sft.training.max_steps=100 (repeatable)."),
@@ -156,7 +160,8 @@ def run_recipe_command(
     """
     from rlhf_cli.recipe import run_recipe
 
-    run_recipe(recipe, run_config, output_dir=output_dir, from_stage=from_stage, dry_run=dry_run, overrides=set_)
+    run_recipe(recipe, run_config, output_dir=output_dir, from_stage=from_stage, dry_run=dry_run, overrides=set_,
+               until=until)
 
 
 def candidate_stages(raw: dict) -> list[str]:

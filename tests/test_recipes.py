@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import QUICKSTART, SHORT_SFT
 
 from rlhf_cli.config.loader import set_key
 from rlhf_cli.errors import UserError
@@ -233,6 +234,13 @@ def test_plan_skips_finished_resumes_interrupted_and_refuses_changed(tiny_recipe
     assert [s.action for s in plan(recipe, from_stage="sft")] == ["run", "run", "run"]
     with pytest.raises(UserError, match="no such stage"):
         plan(recipe, from_stage="rm")
+    # --until: the stages after it are not planned
+    assert [s.action for s in plan(recipe, until="ppo")] == ["skip", "resume"]
+    assert [s.action for s in plan(recipe, from_stage="ppo", until="ppo")] == ["skip", "run"]
+    with pytest.raises(UserError, match="--until rm: the recipe has no such stage"):
+        plan(recipe, until="rm")
+    with pytest.raises(UserError, match="stage 'eval' comes after 'ppo'; nothing would run"):
+        plan(recipe, from_stage="eval", until="ppo")
 
     # a finished stage whose config changed is not replaced unless asked (--from)
     changed = load_recipe(tiny_recipe(RECIPE.replace("config: sft.yaml", "config: sft.yaml\n    set: {{training.max_steps: 5}}")))
@@ -258,9 +266,17 @@ def test_plan_skips_finished_resumes_interrupted_and_refuses_changed(tiny_recipe
 def test_run_skips_finished_resumes_interrupted_and_reruns_from(cli, tiny_recipe, tmp_path):
     recipe, out = tiny_recipe(), tmp_path / "out"
 
-    # 1. everything runs; each stage gets its folder and a completion marker
-    first = cli("run", str(recipe))
+    # 1. --until ppo: sft and ppo run, eval is left for later
+    first = cli("run", str(recipe), "--until", "ppo")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "[2/3] ppo: done" in first.stderr and "eval: rlhf eval" not in first.stderr, first.stderr[-3000:]
+    assert "not run: after --until ppo" in first.stderr and "stopped after ppo (--until); not run: eval" in first.stderr
+    assert (out / "ppo" / MARKER).is_file() and not (out / "eval").exists()
+
+    # 2. the same command without --until goes on from there; each stage gets its folder and a completion marker
+    rest = cli("run", str(recipe))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert rest.stderr.count("skipped") == 2 and "[3/3] eval: rlhf eval" in rest.stderr
     for name in ("sft", "ppo", "eval"):
         assert (out / name / MARKER).is_file(), name
     assert (out / "eval" / "eval.json").is_file()
@@ -269,13 +285,13 @@ def test_run_skips_finished_resumes_interrupted_and_reruns_from(cli, tiny_recipe
     markers = {n: json.loads((out / n / MARKER).read_text()) for n in ("sft", "ppo", "eval")}
     assert markers["ppo"]["upstream"] == {"sft": markers["sft"]["run_id"]}
 
-    # 2. a re-run skips every finished stage
+    # 3. a re-run skips every finished stage
     again = cli("run", str(recipe))
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("skipped") == 3 and "rlhf sft ->" not in again.stderr
     assert {n: json.loads((out / n / MARKER).read_text()) for n in markers} == markers
 
-    # 3. sft "killed" after checkpoint-2 (no marker, no final model, ppo/eval never started): it resumes
+    # 4. sft "killed" after checkpoint-2 (no marker, no final model, ppo/eval never started): it resumes
     for path in (out / "sft").iterdir():
         if path.name not in ("config.yaml", "run_info.json", "metrics.jsonl", "checkpoint-2"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -289,7 +305,7 @@ def test_run_skips_finished_resumes_interrupted_and_reruns_from(cli, tiny_recipe
     assert [r["step"] for r in read_metrics(out / "sft")] == [r["step"] for r in full_metrics]
     assert (out / "eval" / MARKER).is_file()
 
-    # 4. --from ppo: sft is kept, ppo and eval run again from scratch
+    # 5. --from ppo: sft is kept, ppo and eval run again from scratch
     sft_marker = (out / "sft" / MARKER).read_text()
     rerun = cli("run", str(recipe), "--from", "ppo")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -297,13 +313,16 @@ def test_run_skips_finished_resumes_interrupted_and_reruns_from(cli, tiny_recipe
     assert (out / "sft" / MARKER).read_text() == sft_marker
     runs = [json.loads(line) for line in (out / SUMMARY).read_text().splitlines()]
     assert [[s["action"] for s in r["stages"]] for r in runs] == [
-        ["run", "run", "run"], ["skip", "skip", "skip"], ["resume", "run", "run"], ["skip", "run", "run"]]
+        ["run", "run"], ["skip", "skip", "run"], ["skip", "skip", "skip"], ["resume", "run", "run"], ["skip", "run", "run"]]
 
-    # 5. a changed finished stage: refused before anything runs, with the --from that replaces it
+    # 6. a changed finished stage: refused before anything runs, with the --from that replaces it
     changed = tiny_recipe(RECIPE + "      eval.num_prompts: 4\n")
     refused = cli("run", str(changed))
     assert refused.returncode == 2
     assert "eval.num_prompts: 8 -> 4" in refused.stderr and "--from eval" in refused.stderr
+    # ... unless it comes after --until, which leaves it alone
+    before = cli("run", str(changed), "--until", "ppo")
+    assert before.returncode == 0 and before.stderr.count("skipped") == 2, before.stderr[-3000:]
 
 
 def test_validate_and_dry_run_on_a_recipe(cli, tiny_recipe, tmp_path):
@@ -337,8 +356,7 @@ def test_two_processes_run_every_stage_data_parallel(tiny_recipe, tmp_path):
 # The main job itself, shortened: PPO against the learned reward model raises the GOLD score
 # ---------------------------------------------------------------------------------------------
 
-SHORTER_QUICKSTART = [
-    "sft.training.max_steps=150", "sft.training.warmup_steps=15", "sft.training.eval_steps=150",
+SHORTER_QUICKSTART = [  # after the SFT stage of the sft_model fixture (conftest.SHORT_SFT: 150 steps of 300)
     "reward.training.max_steps=100", "reward.training.warmup_steps=10", "reward.training.eval_steps=100",
     "reward.data.max_eval_samples=200",
     "ppo.training.learning_rate=2e-4", "ppo.ppo.total_episodes=1536", "ppo.training.eval_steps=24",
@@ -348,16 +366,16 @@ SHORTER_QUICKSTART = [
 
 
 @pytest.mark.slow(minutes=7)
-def test_shortened_quickstart_raises_the_gold_score(cli, tmp_path):
-    """`rlhf run recipes/quickstart/recipe.yaml` with half the SFT steps, a third of the reward
-    steps and 24 PPO iterations (~3 minutes on 2 cores): the reward model is learned, not given, and
-    PPO against it must raise the gold score (VADER, never trained on) on held-out prompts.
-    (The full recipe's figures: recipes/quickstart/README.md.)"""
-    out = tmp_path / "out"
-    overrides = [a for o in SHORTER_QUICKSTART for a in ("--set", o)]
-    result = cli("run", str(REPO / "recipes" / "quickstart" / "recipe.yaml"), "--output-dir", str(out), *overrides,
-                 timeout=1800)
+def test_shortened_quickstart_raises_the_gold_score(cli, sft_model):
+    """`rlhf run recipes/quickstart/recipe.yaml` with half the SFT steps (the sft_model fixture's run,
+    `--until sft`, which this run goes on from), a third of the reward steps and 24 PPO iterations: the
+    reward model is learned, not given, and PPO against it must raise the gold score (VADER, never trained
+    on) on held-out prompts. (The full recipe's figures: recipes/quickstart/README.md.)"""
+    out = sft_model.parent
+    overrides = [a for o in SHORT_SFT + SHORTER_QUICKSTART for a in ("--set", o)]
+    result = cli("run", str(QUICKSTART), "--output-dir", str(out), *overrides, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "[1/4] sft: skipped" in result.stderr, result.stderr[-4000:]
     held_out = [r for r in read_metrics(out / "ppo") if "eval/builtin:sentiment" in r]
     before, after = held_out[0]["eval/builtin:sentiment"], held_out[-1]["eval/builtin:sentiment"]
     assert held_out[0]["step"] == 0 and after > before + 0.3, (before, after)

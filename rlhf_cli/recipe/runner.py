@@ -7,6 +7,7 @@ The rules (docs/recipes.md):
 - A folder that holds a run but no marker was interrupted: the stage resumes (`--resume`) from its
   latest checkpoint, provided its config is unchanged.
 - `--from NAME` deletes the folders of NAME and every later stage first, then runs them from scratch.
+- `--until NAME` stops after NAME: the later stages are neither planned nor run (their configs are still checked).
 - A finished (or interrupted) stage whose config changed, or that comes after a stage that runs
   again, is never deleted on its own: the run stops before anything runs and says which `--from`
   reruns it.
@@ -133,15 +134,20 @@ def _run_info_hash(folder: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(recipe: Recipe, from_stage: str | None = None) -> list[Step]:
+def plan(recipe: Recipe, from_stage: str | None = None, until: str | None = None) -> list[Step]:
+    """What each stage up to `until` (every stage if None) needs; the later ones are not looked at."""
     names = recipe.names()
-    if from_stage is not None and from_stage not in names:
-        raise UserError(f"--from {from_stage}: the recipe has no such stage; its stages are: {', '.join(names)}.")
+    for option, name in (("--from", from_stage), ("--until", until)):
+        if name is not None and name not in names:
+            raise UserError(f"{option} {name}: the recipe has no such stage; its stages are: {', '.join(names)}.")
     start = names.index(from_stage) if from_stage is not None else len(names)
+    stop = names.index(until) + 1 if until is not None else len(names)
+    if from_stage is not None and start >= stop:
+        raise UserError(f"--from {from_stage} --until {until}: stage {from_stage!r} comes after {until!r}; nothing would run.")
     steps: list[Step] = []
     runs_again: str | None = None  # the first stage that (re)runs: every later one must run after it
     markers: dict[str, dict] = {}
-    for i, stage in enumerate(recipe.stages):
+    for i, stage in enumerate(recipe.stages[:stop]):
         folder = stage.output_dir
         if i >= start:
             steps.append(Step(stage, "run", f"--from {from_stage}: runs again from scratch"))
@@ -226,10 +232,12 @@ def stage_session():
 
 
 def describe(recipe: Recipe, steps: list[Step]) -> str:
-    width = max(len(s.stage.name) for s in steps)
-    lines = [f"recipe {recipe.path}: {len(steps)} stages -> {recipe.output_dir}"]
+    width = max(len(stage.name) for stage in recipe.stages)
+    lines = [f"recipe {recipe.path}: {len(recipe.stages)} stages -> {recipe.output_dir}"]
     for step in steps:
         lines.append(f"  {step.stage.name:<{width}}  rlhf {step.stage.command:<6}  {step.action:<6}  {step.reason}")
+    for stage in recipe.stages[len(steps):]:  # after --until
+        lines.append(f"  {stage.name:<{width}}  rlhf {stage.command:<6}  {'-':<6}  not run: after --until {steps[-1].stage.name}")
     return "\n".join(lines)
 
 
@@ -240,11 +248,12 @@ def run_recipe(
     from_stage: str | None = None,
     dry_run: bool = False,
     overrides: list[str] | None = None,
+    until: str | None = None,
 ) -> list[Step]:
-    """Validate the whole recipe, plan, then run each stage that needs it. Returns the plan."""
-    # 1. Every stage's config (with overrides and placeholders), and what each stage needs
+    """Validate the whole recipe, plan, then run each stage (up to `until`) that needs it. Returns the plan."""
+    # 1. Every stage's config (with overrides and placeholders), and what each stage up to `until` needs
     recipe = load_recipe(path, output_dir, overrides)
-    steps = plan(recipe, from_stage)
+    steps = plan(recipe, from_stage, until)
     if dry_run:
         print(describe(recipe, steps))
         return steps
@@ -266,11 +275,11 @@ def run_recipe(
         for number, step in enumerate(steps, 1):
             stage = step.stage
             if step.action == "skip":
-                log.info("[%d/%d] %s: skipped (%s; stage_complete.json in %s)", number, len(steps), stage.name,
+                log.info("[%d/%d] %s: skipped (%s; stage_complete.json in %s)", number, len(recipe.stages), stage.name,
                          step.reason, stage.output_dir)
                 summary.append({"stage": stage.name, "action": "skip", "seconds": 0.0})
                 continue
-            log.info("[%d/%d] %s: rlhf %s %s -> %s (%s)", number, len(steps), stage.name, stage.command,
+            log.info("[%d/%d] %s: rlhf %s %s -> %s (%s)", number, len(recipe.stages), stage.name, stage.command,
                      stage.config_file, stage.output_dir, step.action)
             t0, cpu0 = time.perf_counter(), time.process_time()
             alone = STAGES[stage.command].one_process and world > 1  # e.g. an evaluation is one process's job
@@ -287,7 +296,7 @@ def run_recipe(
             elif alone:  # wait for the main process's marker: no collective call, so no timeout on a long evaluation
                 while not (stage.output_dir / MARKER).is_file():
                     time.sleep(2)
-            log.info("[%d/%d] %s: done in %.0fs (%.0f CPU seconds)", number, len(steps), stage.name, seconds, cpu)
+            log.info("[%d/%d] %s: done in %.0fs (%.0f CPU seconds)", number, len(recipe.stages), stage.name, seconds, cpu)
             summary.append({"stage": stage.name, "action": step.action, "seconds": round(seconds, 1),
                             "cpu_seconds": round(cpu, 1)})
         total = time.perf_counter() - started
@@ -298,4 +307,6 @@ def run_recipe(
             with (recipe.output_dir / SUMMARY).open("a") as f:  # one line per `rlhf run`
                 f.write(json.dumps(record) + "\n")
         log.info("recipe done in %.0fs: %s", total, ", ".join(f"{s['stage']} {s['action']}" for s in summary))
+        if later := recipe.names()[len(steps):]:
+            log.info("stopped after %s (--until); not run: %s", steps[-1].stage.name, ", ".join(later))
     return steps
