@@ -175,7 +175,7 @@ def write_config(path: Path, name: str) -> Path:
 
 
 def write_recipe(folder: Path, output_dir: Path) -> Path:
-    """Every run as one stage of a recipe: one launch per engine (each launch costs ~10 s of start-up)."""
+    """Every run as one stage of a recipe: one launch per engine (each launch costs seconds of start-up)."""
     save_models(folder)
     stages = [{"name": name, "command": RUNS[name][0], "config": str(write_config(folder / f"{name}.yaml", name))}
               for name in RUNS]
@@ -207,26 +207,29 @@ def weight_mismatches(a: Path, b: Path) -> list[str]:
             if x[key].shape != y[key].shape or not torch.allclose(x[key], y[key], atol=WEIGHTS_ATOL, rtol=0)]
 
 
+RESUMED = {"sft": 2, "ppo": 1, "ddpo": 2}  # run -> the half-way checkpoint it resumes from
+
+
 def assert_resume_exactly(engine: str, runs: Path) -> None:
-    """SFT, PPO and DDPO cut back to a half-way checkpoint and resumed under `engine` give the uninterrupted
-    run's metrics and final weights bit for bit (the same engine on the same machine)."""
-    for name, stage, halfway in (("sft", "sft", 2), ("ppo", "ppo", 1), ("ddpo", "ddpo", 2)):
-        uninterrupted = metrics(runs / name)
-        final = {file: (runs / name / file).read_bytes() for file in RUNS[name][3]}
-        assert resume_from_halfway(engine, runs / name, stage, halfway) == uninterrupted, name
-        assert {file: (runs / name / file).read_bytes() for file in final} == final, name
-
-
-def resume_from_halfway(engine: str, output_dir: Path, stage: str, halfway: int) -> list[dict]:
-    """Cut the finished run back to checkpoint-<halfway> (later checkpoints and the final model gone),
-    resume it under `engine`, and return its metrics."""
-    kept = {f"checkpoint-{halfway}", "config.yaml", "metrics.jsonl", "run_info.json"}
-    for path in output_dir.iterdir():
-        if path.name not in kept:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    log = launched(engine, stage, str(output_dir / "config.yaml"), "--resume")
-    assert f"resumed from {output_dir / f'checkpoint-{halfway}'}" in log, log[-3000:]
-    return metrics(output_dir)
+    """SFT, PPO and DDPO cut back to a half-way checkpoint (later checkpoints and the final model gone) and
+    resumed under `engine` give the uninterrupted run's metrics and final weights bit for bit (the same engine
+    on the same machine). One launch resumes the three: `rlhf run` on a recipe of just them, their configs
+    beside `runs` (write_recipe), resumes each interrupted stage."""
+    uninterrupted = {name: metrics(runs / name) for name in RESUMED}
+    final = {name: {file: (runs / name / file).read_bytes() for file in RUNS[name][3]} for name in RESUMED}
+    kept = {"config.yaml", "metrics.jsonl", "run_info.json"}
+    for name, halfway in RESUMED.items():
+        for path in (runs / name).iterdir():
+            if path.name not in kept | {f"checkpoint-{halfway}"}:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    recipe = runs.parent / f"resume-{runs.name}.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(runs), "stages": [
+        {"name": name, "command": RUNS[name][0], "config": str(runs.parent / f"{name}.yaml")} for name in RESUMED]}))
+    log = launched(engine, "run", str(recipe))
+    for name, halfway in RESUMED.items():
+        assert f"resumed from {runs / name / f'checkpoint-{halfway}'}" in log, (name, log[-3000:])
+        assert metrics(runs / name) == uninterrupted[name], name
+        assert {file: (runs / name / file).read_bytes() for file in final[name]} == final[name], name
 
 
 def ddp_runs(tmp_path_factory) -> Path:
