@@ -23,6 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # this process's environment before any test changes it: the CLI server's (tests/forked_cli.py)
 FORKED_CLI = ForkedCli({**os.environ, "PYTHONUNBUFFERED": "1"})
 atexit.register(FORKED_CLI.close)
+# torchrun (also under `accelerate launch`) starts each rank with this python: forked from the same server
+os.environ["PYTHON_EXEC"] = str(FORKED_CLI.rank_python)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -101,7 +103,11 @@ def one_multiprocess_launch_at_a_time(request, tmp_path_factory):
     worker ran such launches too; the cause is not pinned down, so under xdist they take turns through a
     lock file: never two multi-process jobs on the 2 cores at once. (pytest_collection_modifyitems
     gives them to one worker; the other takes one only when it has run out of other tests.)"""
-    if request.node.get_closest_marker("multiprocess") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+    if request.node.get_closest_marker("multiprocess") is None:
+        yield
+        return
+    FORKED_CLI.ensure_server()  # for the ranks of its launches (PYTHON_EXEC)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
     from filelock import FileLock

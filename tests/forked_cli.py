@@ -11,11 +11,20 @@ stderr instead of in each run's. A run whose environment differs from the server
 Python or a library reads when it starts or is imported (IMPORT_TIME) is not forked: `start` returns None and
 the caller starts a real interpreter. Other variables (RANK, WANDB_MODE, RLHF_*, ...) are read when used: a
 child gets them as a new process would.
+
+The ranks of a multi-process launch (`accelerate launch ... -m rlhf_cli`, `torchrun ... -m rlhf_cli`) fork from
+the same server: the launcher starts each rank with PYTHON_EXEC, which conftest.py points at this server's
+`rank_python`, a script that runs tests/forked_rank.py. That small process asks the server, over a Unix
+socket, for a child with its argv, working directory, environment and standard streams (passed as file
+descriptors), forwards the signals it gets to it and exits as it does; the server kills the child if the
+process dies first. Where the server refuses (see above) or is not running, it becomes a real interpreter.
 """
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,21 +41,35 @@ IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_
                "DIFFUSERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_",
                "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONIOENCODING",
                "HOME", "XDG_", "TMPDIR", "LANG", "LC_")
-# ... except these, read when called: `import deepspeed` sets this one, which torch.cuda.is_available() reads
-READ_WHEN_CALLED = ("PYTORCH_NVML_BASED_CUDA_CHECK",)
+# ... except these, read when called: `import deepspeed` sets the first, which torch.cuda.is_available() reads;
+# the launchers pass their settings to each rank in the others, read when the Accelerator, the process group or
+# torch.distributed.elastic's error handler is made (no module of these libraries reads them on import)
+READ_WHEN_CALLED = ("PYTORCH_NVML_BASED_CUDA_CHECK", "ACCELERATE_", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
-def serve() -> None:
-    """The server: import everything, then for each JSON request line on stdin fork a child and reply its pid
-    at once and its exit status when it ends, a JSON line each on stdout (several children may run at once)."""
+def environment(env: dict[str, str], base_env: dict[str, str], server_env: dict[str, str]) -> tuple[dict, list]:
+    """A forked child's environment for a run given `env` (the server started with `base_env` and has
+    `server_env` after its imports), and the variables that rule a fork out."""
+    # what the imports add (a real process's imports add it too), unless the caller set it
+    env = {**{key: value for key, value in server_env.items() if key not in base_env}, **env}
+    changed = {key for key in server_env.keys() | env.keys() if server_env.get(key) != env.get(key)}
+    return env, sorted(key for key in changed if key.startswith(IMPORT_TIME) and not key.startswith(READ_WHEN_CALLED))
+
+
+def serve(rank_socket: str) -> None:
+    """The server: import everything, then fork a child for each JSON request line on stdin (replying its pid
+    at once and its exit status when it ends, a JSON line each on stdout) and for each rank that connects to
+    `rank_socket` (replying on its connection). Several children may run at once."""
     import gc
     import importlib
     import pkgutil
+    import socket
 
     import matplotlib.pyplot  # noqa: F401  (the eval stage's plots; imported when drawn)
 
     import rlhf_cli
 
+    base_env = dict(os.environ)
     for module in pkgutil.walk_packages(rlhf_cli.__path__, "rlhf_cli."):
         if module.name != "rlhf_cli.__main__":  # each child runs it, as `python -m` does
             importlib.import_module(module.name)
@@ -54,28 +77,92 @@ def serve() -> None:
     # sys.path without this script's folder and the server's PYTHONPATH: a child puts its own before it
     base_path = [entry for entry in sys.path[1:] if entry not in python_path]
     gc.freeze()  # the imported objects out of the collector's sight: a child's collections leave their pages shared
-    reply({"env": dict(os.environ)})  # as the imports left it (torch sets TORCHINDUCTOR_CACHE_DIR)
-    requests, running = b"", set()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(rank_socket)
+    listener.listen(64)
+    server_env = dict(os.environ)  # as the imports left it (torch sets TORCHINDUCTOR_CACHE_DIR)
+    reply({"env": server_env})
+
+    def fork(args: list[str], cwd: str, env: dict, stdio: list[int]) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child never comes back from run_child
+            for connection in (listener, *ranks):  # the server's, not the child's
+                os.close(connection.detach())
+            run_child(args, cwd, env, stdio, base_path)
+        for fd in stdio:  # the child's now: held here, a launcher reading them would wait for the server to exit
+            os.close(fd)
+        return pid
+
+    requests = b""
+    children: dict[int, object] = {}  # pid -> whom to tell its exit status: STDOUT, a rank's connection or None
+    ranks: dict[socket.socket, int | None] = {}  # a rank's connection -> its child (None until it asks)
     while True:
-        if select.select([0], [], [], 0.05 if running else None)[0]:
-            chunk = os.read(0, 65536)
-            if not chunk:  # the pytest process has gone
-                return
-            requests += chunk
+        for source in select.select([0, listener, *ranks], [], [], 0.05 if children else None)[0]:
+            if source == 0:
+                chunk = os.read(0, 65536)
+                if not chunk:  # the pytest process has gone
+                    return
+                requests += chunk
+            elif source is listener:
+                ranks[listener.accept()[0]] = None
+            elif ranks[source] is None:  # a rank's request: its argv, cwd and environment, and its stdio
+                message, fds = receive_fds(source)
+                request = json.loads(message or "{}")
+                env, refused = environment(request.get("env", {}), base_env, server_env)
+                if not message or refused:
+                    for fd in fds:
+                        os.close(fd)
+                    source.send(json.dumps({"refused": refused}).encode())
+                    del ranks[source]
+                    source.close()
+                    continue
+                ranks[source] = pid = fork(request["args"], request["cwd"], env, fds)
+                children[pid] = source
+                source.send(json.dumps({"pid": pid}).encode())
+            else:  # the rank's process has gone (killed) while its child runs: the child goes too
+                pid = ranks.pop(source)
+                children[pid] = None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                source.close()
         while b"\n" in requests:
             line, requests = requests.split(b"\n", 1)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                run_child(json.loads(line), base_path)  # ends in os._exit: the child never comes back here
-            running.add(pid)
+            request = json.loads(line)
+            stdio = [os.open(os.devnull, os.O_RDONLY), os.open(request["stdout"], os.O_WRONLY),
+                     os.open(request["stderr"], os.O_WRONLY)]
+            pid = fork(request["args"], request["cwd"], request["env"], stdio)
+            children[pid] = STDOUT
             reply({"pid": pid})
-        for pid in list(running):
+        for pid in list(children):
             done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                running.discard(pid)
-                reply({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+            if not done:
+                continue
+            whom, code = children.pop(pid), os.waitstatus_to_exitcode(status)
+            if whom is STDOUT:
+                reply({"pid": pid, "returncode": code})
+            elif whom is not None:
+                with contextlib.suppress(OSError):
+                    whom.send(json.dumps({"returncode": code}).encode())
+                del ranks[whom]
+                whom.close()
+
+
+STDOUT = "stdout"  # a child's exit status goes to the server's stdout (a request that came on its stdin)
+
+
+def receive_fds(connection) -> tuple[bytes, list[int]]:
+    """One message of a SOCK_SEQPACKET connection and the file descriptors sent with it."""
+    import array
+    import socket
+
+    fds = array.array("i")
+    message, ancillary, _, _ = connection.recvmsg(1 << 20, socket.CMSG_SPACE(3 * fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
 
 
 def reply(message: dict) -> None:
@@ -83,24 +170,24 @@ def reply(message: dict) -> None:
     sys.stdout.flush()
 
 
-def run_child(request: dict, base_path: list[str]) -> None:
-    """In the forked child: become `python -m rlhf_cli ARGS` started in `cwd` with `env`, run it, and exit as
-    the interpreter would, but without tearing down its modules: that touches every object the server
-    imported and copies all of its ~1 GB of pages (~1.5 s per run)."""
+def run_child(args: list[str], cwd: str, env: dict[str, str], stdio: list[int], base_path: list[str]) -> None:
+    """In the forked child: become `python -m rlhf_cli ARGS` started in `cwd` with `env` and `stdio` as its
+    standard streams, run it, and exit as the interpreter would, but without tearing down its modules: that
+    touches every object the server imported and copies all of its ~1 GB of pages (~1.5 s per run)."""
     import atexit
     import runpy
     import traceback
 
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
-                            (2, request["stderr"], os.O_WRONLY)):
-        os.dup2(os.open(path, flags), fd)  # also closes the server's pipes in this process
-    os.chdir(request["cwd"])
+    for fd, stream in enumerate(stdio):
+        os.dup2(stream, fd)  # also closes the server's pipes in this process
+        os.close(stream)
+    os.chdir(cwd)
     os.environ.clear()
-    os.environ.update(request["env"])
-    python_path = [entry for entry in request["env"].get("PYTHONPATH", "").split(os.pathsep) if entry]
-    sys.path[:] = [request["cwd"], *python_path, *base_path]
+    os.environ.update(env)
+    python_path = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    sys.path[:] = [cwd, *python_path, *base_path]
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.argv[:] = ["-m", *request["args"]]  # alter_sys makes argv[0] __main__.py's path, as `python -m` does
+    sys.argv[:] = ["-m", *args]  # alter_sys makes argv[0] __main__.py's path, as `python -m` does
     killed_by = None
     try:
         runpy.run_module("rlhf_cli", run_name="__main__", alter_sys=True)
@@ -129,7 +216,13 @@ class ForkedCli:
     """One server per pytest process, started at the first run with the environment `base_env`."""
 
     def __init__(self, base_env: dict[str, str]):
-        self.base_env = dict(base_env)
+        # the socket ranks ask the server on, and the python a launcher starts them with (PYTHON_EXEC)
+        self.folder = Path(tempfile.mkdtemp(prefix="rlhf-cli-server-"))
+        self.rank_socket, self.rank_python = self.folder / "ranks.sock", self.folder / "python"
+        self.rank_python.write_text(f"#!/bin/sh\nexec '{sys.executable}' -S '{Path(__file__).parent / 'forked_rank.py'}' "
+                                    f"'{self.rank_socket}' \"$@\"\n")
+        self.rank_python.chmod(0o755)
+        self.base_env = {**base_env, "PYTHON_EXEC": str(self.rank_python)}
         self.server: subprocess.Popen | None = None
         self.server_env: dict[str, str] = {}  # the server's after its imports: what a forked child starts from
         self.pending = b""
@@ -155,15 +248,17 @@ class ForkedCli:
 
     def child_environment(self, env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         """A forked child's environment for a run given `env`, and the variables that rule a fork out."""
+        self.ensure_server()
+        return environment(env, self.base_env, self.server_env)
+
+    def ensure_server(self) -> None:
+        """The server started, if it is not running."""
         if self.server is None or self.server.poll() is not None:
-            self.server = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, cwd=REPO, env=self.base_env)
+            self.rank_socket.unlink(missing_ok=True)
+            self.server = subprocess.Popen([sys.executable, "-u", __file__, str(self.rank_socket)],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env=self.base_env)
             self.pending, self.finished = b"", {}
             self.server_env = self._receive(None)["env"]
-        # what the imports add (a real process's imports add it too), unless the caller set it
-        env = {**{key: value for key, value in self.server_env.items() if key not in self.base_env}, **env}
-        changed = {key for key in self.server_env.keys() | env.keys() if self.server_env.get(key) != env.get(key)}
-        return env, sorted(key for key in changed if key.startswith(IMPORT_TIME) and key not in READ_WHEN_CALLED)
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
         """`args` run to the end by a forked child (subprocess.run's result); None where `env` rules a fork out."""
@@ -193,6 +288,7 @@ class ForkedCli:
         if self.server is not None:
             self.server.stdin.close()
             self.server.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _receive(self, timeout: float | None) -> dict:
         """The server's next reply line; TimeoutError when none comes within `timeout` seconds."""
@@ -248,4 +344,4 @@ class ForkedProcess:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1])

@@ -1,6 +1,7 @@
 """tests/forked_cli.py, which runs the CLI tests' `python -m rlhf_cli` processes: a forked run gives what a new
 interpreter gives (exit status, output, files, signals), and the runs it cannot fork go to a real interpreter."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import FORKED_CLI, REPO, run_cli
 from forked_cli import ForkedProcess
 
@@ -104,3 +106,110 @@ def test_the_installed_rlhf_command_runs():
     result = subprocess.run([str(rlhf), "validate", "configs/quickstart-ppo.yaml"], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=environment())
     assert result.returncode == 0 and "valid `rlhf ppo` config" in result.stdout, result.stderr
+
+
+# --- the ranks of a multi-process launch (tests/forked_rank.py) -------------------------------------------
+
+
+RANK_REWARD = """\
+import os
+from pathlib import Path
+
+import pytest
+
+
+def reward(prompts, responses, **_):
+    # who runs this rank: its pid and its parent's (the server's, if forked)
+    Path(os.environ["RANKS"], os.environ["RANK"]).write_text(f"{os.getpid()} {os.getppid()}")
+    return [len(response) / 10 for response in responses]
+"""
+
+
+def launch_ppo(folder: Path, forked: bool, *sets: str, processes: int = 2) -> subprocess.Popen:
+    """A tiny PPO run on `processes` processes under torchrun, its reward function recording each rank's pids
+    in `folder`/ranks; `forked`: ranks started through PYTHON_EXEC (conftest.py), or real interpreters."""
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "rank_reward.py").write_text(RANK_REWARD)
+    (folder / "ranks").mkdir()
+    env = environment(PYTHONPATH=str(folder / "lib"), RANKS=str(folder / "ranks"), PYTHON_EXEC=str(FORKED_CLI.rank_python))
+    if not forked:
+        del env["PYTHON_EXEC"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "rlhf_cli", "ppo", str(REPO / "configs" / "quickstart-ppo.yaml"), "--output-dir", str(folder / "out"),
+               *TINY_PPO,
+               "--set", "reward.sources=[{function: 'rank_reward:reward'}]", *sets]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pids(folder: Path) -> dict[str, tuple[int, int]]:
+    """rank -> (pid, parent pid) of the process that ran it, as its reward function recorded them."""
+    return {path.name: tuple(map(int, path.read_text().split())) for path in (folder / "ranks").iterdir()}
+
+
+def forking_ranks() -> bool:
+    """Ranks fork where the server has the OMP_NUM_THREADS=1 torchrun gives them (`pytest -n N`, conftest.py);
+    elsewhere the server refuses them (a variable read on import differs) and they run in real interpreters."""
+    return FORKED_CLI.base_env.get("OMP_NUM_THREADS") == "1"
+
+
+@pytest.mark.multiprocess
+def test_the_ranks_of_a_launch_fork_and_give_what_real_ranks_give(tmp_path):
+    if not forking_ranks():
+        pytest.skip("the ranks fork under `pytest -n N` only")
+    runs = {}
+    for name, forked in (("forked", True), ("real", False)):
+        process = launch_ppo(tmp_path / name, forked)
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0 and "(2 processes, cpu" in stderr, stderr[-3000:]
+        runs[name] = rank_pids(tmp_path / name)
+    # forked: each rank a child of the server; real: of the launcher, a new interpreter each
+    assert sorted(runs["forked"]) == ["0", "1"] and {ppid for _, ppid in runs["forked"].values()} == {FORKED_CLI.server.pid}
+    assert sorted(runs["real"]) == ["0", "1"] and FORKED_CLI.server.pid not in {ppid for _, ppid in runs["real"].values()}
+    metrics = [[{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s") and not k.startswith("time/")}
+                for line in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()] for name in runs]
+    assert metrics[0] == metrics[1] and len(metrics[0]) >= 2
+    for file in ("model.safetensors", "value_head.safetensors"):
+        assert (tmp_path / "forked" / "out" / file).read_bytes() == (tmp_path / "real" / "out" / file).read_bytes()
+
+
+@pytest.mark.multiprocess
+def test_a_signal_to_a_rank_reaches_its_forked_run_and_a_killed_rank_takes_it_along(tmp_path):
+    """One-process launches, so that nothing else stops the run: SIGTERM to the process the launcher started
+    for the rank reaches the forked run (the stage saves a checkpoint and stops, as a real rank does); after
+    SIGKILL, which that process cannot pass on, the server kills the run (the real rank would have died)."""
+    if not forking_ranks():
+        pytest.skip("the ranks fork under `pytest -n N` only")
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        folder = tmp_path / signum.name
+        launcher = launch_ppo(folder, True, "--set", "ppo.total_episodes=100000", "--set", "training.save_steps=1000",
+                              processes=1)
+        deadline = time.monotonic() + 120
+        while not (folder / "ranks" / "0").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            time.sleep(0.1)
+        (run, server), (rank,) = rank_pids(folder)["0"], children(launcher.pid)
+        assert server == FORKED_CLI.server.pid
+        try:
+            os.kill(rank, signum)
+            _, stderr = launcher.communicate(timeout=120)
+            assert launcher.returncode != 0
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{run}").exists():
+                assert time.monotonic() < deadline, f"the forked run of a rank killed by {signum.name} still runs"
+                time.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(run, signal.SIGKILL)
+        if signum == signal.SIGTERM:
+            assert "SIGTERM received" in stderr and list((folder / "out").glob("checkpoint-*")), stderr[-3000:]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
