@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import accelerate.utils.other
@@ -165,6 +166,10 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, training: TrainingConfig) -> No
     config["gradient_accumulation_steps"] = 1
     config["gradient_clipping"] = training.max_grad_norm
     config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    # DeepSpeed's ZeRO calls all_gather_into_tensor and reduce_scatter_tensor, which torch 2.13 deprecates: a
+    # FutureWarning per call, dozens per step in the run's log, that only DeepSpeed can act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            FutureWarning)
 
 
 ENGINES = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
