@@ -34,17 +34,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Read by the interpreter at start-up or by torch, transformers, datasets, huggingface_hub, tokenizers,
-# accelerate, peft, diffusers and their native libraries when imported: a run that sets one of these differently
-# from the server needs its own interpreter. (PYTHONPATH is not among them: a child puts its entries on sys.path.)
-IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "PEFT_",
-               "DIFFUSERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_",
-               "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONIOENCODING",
-               "HOME", "XDG_", "TMPDIR", "LANG", "LC_")
+# Read by the interpreter at start-up or by torch, transformers, datasets, huggingface_hub, tokenizers, peft,
+# diffusers and their native libraries when imported: a run that sets one of these differently from the server
+# needs its own interpreter. (Not among them: PYTHONPATH, as a child puts its entries on sys.path; accelerate's
+# ACCELERATE_*, which its launcher sets for each rank and no module reads on import, only the Accelerator.)
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "PEFT_", "DIFFUSERS_", "TORCH",
+               "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_", "PYTHONHOME",
+               "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONIOENCODING", "HOME", "XDG_",
+               "TMPDIR", "LANG", "LC_")
 # ... except these, read when called: `import deepspeed` sets the first, which torch.cuda.is_available() reads;
-# the launchers pass their settings to each rank in the others, read when the Accelerator, the process group or
-# torch.distributed.elastic's error handler is made (no module of these libraries reads them on import)
-READ_WHEN_CALLED = ("PYTORCH_NVML_BASED_CUDA_CHECK", "ACCELERATE_", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+# torchrun sets the others for each rank, read when the process group or elastic's error handler is made
+READ_WHEN_CALLED = ("PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
 def environment(env: dict[str, str], base_env: dict[str, str], server_env: dict[str, str]) -> tuple[dict, list]:
