@@ -115,8 +115,6 @@ RANK_REWARD = """\
 import os
 from pathlib import Path
 
-import pytest
-
 
 def reward(prompts, responses, **_):
     # who runs this rank: its pid and its parent's (the server's, if forked)
@@ -136,8 +134,7 @@ def launch_ppo(folder: Path, forked: bool, *sets: str, processes: int = 2) -> su
         del env["PYTHON_EXEC"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "rlhf_cli", "ppo", str(REPO / "configs" / "quickstart-ppo.yaml"), "--output-dir", str(folder / "out"),
-               *TINY_PPO,
-               "--set", "reward.sources=[{function: 'rank_reward:reward'}]", *sets]
+               *TINY_PPO, "--set", "reward.sources=[{function: 'rank_reward:reward'}]", *sets]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -205,6 +202,7 @@ def test_a_signal_to_a_rank_reaches_its_forked_run_and_a_killed_rank_takes_it_al
 
 
 def children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
