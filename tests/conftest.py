@@ -103,17 +103,21 @@ def one_multiprocess_launch_at_a_time(request, tmp_path_factory):
     worker ran such launches too; the cause is not pinned down, so under xdist they take turns through a
     lock file: never two multi-process jobs on the 2 cores at once. (pytest_collection_modifyitems
     gives them to one worker; the other takes one only when it has run out of other tests.)"""
-    if request.node.get_closest_marker("multiprocess") is None:
-        yield
-        return
-    FORKED_CLI.ensure_server()  # for the ranks of its launches (PYTHON_EXEC)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if request.node.get_closest_marker("multiprocess") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
     from filelock import FileLock
 
     with FileLock(str(tmp_path_factory.getbasetemp().parent / "multiprocess.lock")):
         yield
+
+
+@pytest.fixture(autouse=True)
+def rank_server(request):
+    """A test that launches several processes finds the CLI server running, so that its ranks fork from it
+    (PYTHON_EXEC above) rather than start real interpreters while no run of this worker has started it yet."""
+    if request.node.get_closest_marker("multiprocess") is not None:
+        FORKED_CLI.ensure_server()
 
 
 @pytest.fixture

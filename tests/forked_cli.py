@@ -82,6 +82,9 @@ def serve(rank_socket: str) -> None:
     listener.listen(64)
     server_env = dict(os.environ)  # as the imports left it (torch sets TORCHINDUCTOR_CACHE_DIR)
     reply({"env": server_env})
+    requests = b""
+    children: dict[int, object] = {}  # pid -> whom to tell its exit status: STDOUT, a rank's connection or None
+    ranks: dict[socket.socket, int | None] = {}  # a rank's connection -> its child (None until it asks)
 
     def fork(args: list[str], cwd: str, env: dict, stdio: list[int]) -> int:
         sys.stdout.flush()
@@ -95,9 +98,6 @@ def serve(rank_socket: str) -> None:
             os.close(fd)
         return pid
 
-    requests = b""
-    children: dict[int, object] = {}  # pid -> whom to tell its exit status: STDOUT, a rank's connection or None
-    ranks: dict[socket.socket, int | None] = {}  # a rank's connection -> its child (None until it asks)
     while True:
         for source in select.select([0, listener, *ranks], [], [], 0.05 if children else None)[0]:
             if source == 0:
