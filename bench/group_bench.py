@@ -9,7 +9,9 @@ epsilon, loss settings, sampling settings, learning rate, schedule and gradient 
 same reward function (builtin:sentiment, i.e. rlhf_cli.builtin.sentiment.sentiment_reward, on
 prompt + completion). Every completion is `--response-length` tokens on every side (the stop token
 is suppressed until then: min_new_tokens), so no side is faster for having learnt to stop early;
-`--natural-stop` lets both stop at EOS instead.
+`--natural-stop` lets both stop at EOS instead. `--prompt-words N` gives every side prompts of N words
+(cut from builtin:reviews texts) instead of the short review openings; `--unshared` adds our side with
+`share_prompt_prefix` off (each row runs its own prompt).
 
 Each run is a fresh process; the sides alternate (ours, TRL, ... per beta, then the floor) every
 round. Both sides tick a clock after every optimizer step (the same hook on torch's AdamW); every
@@ -24,6 +26,7 @@ Prints a table, then ONE JSON line with the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import common
@@ -57,6 +60,11 @@ def parse(algorithm: str, doc: str, betas: str, argv=None) -> argparse.Namespace
     parser.add_argument("--num-iterations", type=int, default=2, help="passes over each rollout (mu)")
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--natural-stop", action="store_true", help="stop at EOS (default: full length)")
+    parser.add_argument("--prompt-words", type=int, default=0,
+                        help="prompts of this many words (cut from builtin:reviews texts; 0: the short "
+                             "builtin:review-prompts, at most 7 tokens)")
+    parser.add_argument("--unshared", action="store_true",
+                        help="also run ours with share_prompt_prefix off (each row runs its own prompt)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--gold-prompts", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (the same for all)")
@@ -72,6 +80,20 @@ def parse(algorithm: str, doc: str, betas: str, argv=None) -> argparse.Namespace
     return a
 
 
+def long_prompts(words: int) -> str:
+    """A jsonl file of prompts `words` words long, cut from the builtin:reviews texts (train split) one after
+    another, for every side: prompts as long as a task statement, each distinct."""
+    path = WORK / f"prompts-{words}w.jsonl"
+    if not path.exists():
+        from rlhf_cli.builtin.datasets import load_builtin_dataset
+
+        stream = " ".join(load_builtin_dataset("reviews")["train"]["text"]).split()  # consecutive reviews
+        rows = [" ".join(stream[i : i + words]) for i in range(0, len(stream) - words, words)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"prompt": row}) + "\n" for row in rows))
+    return str(path)
+
+
 def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
     a = parse(algorithm, doc, betas, argv)
     common.REUSE = a.reuse_results
@@ -79,26 +101,34 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
     prepare_policy()
     trl_python = None if a.no_trl else peer_python("trl")
     steps_per_generation = a.batch_size // a.micro_batch_size
+    dataset, max_prompt_length = "builtin:review-prompts", 32
+    if a.prompt_words:
+        dataset, max_prompt_length = long_prompts(a.prompt_words), 4 * a.prompt_words
     base = {
         "algorithm": algorithm, "policy": str(POLICY), "seed": 42, "batch_size": a.batch_size,
         "micro_batch_size": a.micro_batch_size, "steps_per_generation": steps_per_generation,
         "num_generations": a.num_generations, "num_iterations": a.num_iterations, "iterations": a.iterations,
         "response_length": a.response_length, "min_response_length": 0 if a.natural_stop else a.response_length,
         "temperature": 0.7, "epsilon": 0.2, "learning_rate": a.learning_rate, "max_grad_norm": 1.0,
-        "max_prompt_length": 32, "stage_eval_samples": 8, "reward_function": "builtin:sentiment",
+        "dataset_name": dataset, "max_prompt_length": max_prompt_length, "stage_eval_samples": 8,
+        "reward_function": "builtin:sentiment",
         # GRPO: TRL's defaults (and ours); RLOO: no advantage whitening (both defaults)
         **({"loss_type": "dapo", "scale_rewards": "group"} if algorithm == "grpo" else {"normalize_advantages": False}),
     }
     betas = [float(b) for b in a.betas.split(",")]
     cases = {f"beta_{b:g}": b for b in betas}
 
-    def spec_for(case: str, side: str, r: int) -> dict:
-        return {**base, "beta": cases[case], "output_dir": str(WORK / "runs" / f"{a.tag}-{case}-{side}-{r}")}
+    def spec_for(case: str, side: str, r: int, **extra) -> dict:
+        return {**base, "beta": cases[case], "output_dir": str(WORK / "runs" / f"{a.tag}-{case}-{side}-{r}"), **extra}
 
     sides = {}
     for case in cases:
         sides[f"ours/{case}"] = lambda r, c=case: run_side(OURS_PY, "ours_group.py", spec_for(c, "ours", r),
                                                            f"{a.tag}-{c}-ours-{r}", a.threads)
+        if a.unshared:
+            sides[f"ours_unshared/{case}"] = lambda r, c=case: run_side(
+                OURS_PY, "ours_group.py", spec_for(c, "ours_unshared", r, share_prompt_prefix=False),
+                f"{a.tag}-{c}-ours_unshared-{r}", a.threads)
         if trl_python:
             sides[f"trl/{case}"] = lambda r, c=case: run_side(trl_python, "trl_group.py", spec_for(c, "trl", r),
                                                               f"{a.tag}-{c}-trl-{r}", a.threads)
@@ -107,7 +137,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
                  "num_generations": a.num_generations, "num_mini_batches": steps_per_generation,
                  "num_ppo_epochs": a.num_iterations, "response_length": a.response_length,
                  "min_response_length": base["min_response_length"], "temperature": base["temperature"],
-                 "max_prompt_length": base["max_prompt_length"], "logits_to_keep": True}
+                 "dataset_name": dataset, "max_prompt_length": max_prompt_length, "logits_to_keep": True}
         sides["floor"] = lambda r: run_side(OURS_PY, "floor_ppo.py", floor, f"{a.tag}-floor-{r}", a.threads)
     results = alternate(sides, a.rounds)
 
@@ -148,7 +178,8 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
     payload = {"bench": algorithm, "episodes": episodes, "batch_size": a.batch_size,
                "num_generations": a.num_generations, "num_iterations": a.num_iterations,
                "steps_per_generation": steps_per_generation, "response_length": a.response_length,
-               "fixed_length": not a.natural_stop, "iterations": a.iterations, "rounds": a.rounds,
+               "fixed_length": not a.natural_stop, "prompt_words": a.prompt_words, "iterations": a.iterations,
+               "rounds": a.rounds,
                "initial_gold": round(initial_gold, 4)}
     for case in cases:
         ours = f"ours/{case}"
@@ -164,6 +195,12 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
                           "ours_over_trl_time": round(med[ours] / med[trl], 3),  # target <= 0.5
                           "ours_over_trl_cpu": round(cpu[ours] / cpu[trl], 3),
                           "speedup_vs_trl": round(med[trl] / med[ours], 2)})
+        unshared = f"ours_unshared/{case}"
+        if unshared in med:
+            entry["ours_unshared_s_per_iter"] = round(med[unshared], 4)
+            entry["ours_over_unshared_time"] = round(med[ours] / med[unshared], 3)
+            if trl in med:
+                entry["unshared_over_trl_time"] = round(med[unshared] / med[trl], 3)
         if "floor" in med:
             entry["ours_over_floor_time"] = round(med[ours] / med["floor"], 3)
             entry["ours_over_floor_cpu"] = round(cpu[ours] / cpu["floor"], 3)

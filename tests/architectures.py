@@ -56,8 +56,8 @@ ENCODER_DECODER = {
 ARCHITECTURES = [*DECODER_ONLY, *ENCODER_DECODER]
 
 
-def save_tiny(name: str, folder: Path) -> Path:
-    """Build architecture `name` with random weights (seed 0) and save it with its tokenizer in `folder`."""
+def build_tiny(name: str):
+    """(model, tokenizer) of architecture `name` with random weights (seed 0), as `save_tiny` saves them."""
     tokenizer = load_tokenizer("builtin:tiny-gpt2")
     pad_is_eos = DECODER_ONLY[name][1] if name in DECODER_ONLY else False
     if pad_is_eos:
@@ -73,7 +73,12 @@ def save_tiny(name: str, folder: Path) -> Path:
             single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B {eos[0]}", special_tokens=[eos])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = auto.from_config(config)
+        return auto.from_config(config), tokenizer
+
+
+def save_tiny(name: str, folder: Path) -> Path:
+    """Build architecture `name` with random weights (seed 0) and save it with its tokenizer in `folder`."""
+    model, tokenizer = build_tiny(name)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -32,7 +32,7 @@ from rlhf_cli.stages.online import prepare_prompts  # noqa: E402
 s = spec
 torch.manual_seed(s["seed"])
 tokenizer = load_tokenizer(s["policy"], padding_side="left")
-config = build_stage("ppo", {"reward": {"function": "builtin:sentiment"}, "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": s["max_prompt_length"]},
+config = build_stage("ppo", {"reward": {"function": "builtin:sentiment"}, "data": {"dataset_name": s.get("dataset_name", "builtin:review-prompts"), "max_prompt_length": s["max_prompt_length"]},
                              "generation": {"response_length": s["response_length"], "temperature": s["temperature"],
                                             "min_response_length": s.get("min_response_length", 0),
                                             "top_k": 0, "top_p": 1.0}})

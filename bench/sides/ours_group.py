@@ -20,15 +20,15 @@ options = {"total_episodes": s["batch_size"] * s["iterations"], "num_generations
            "steps_per_generation": s["steps_per_generation"], "num_iterations": s["num_iterations"],
            "beta": s["beta"], "epsilon": s["epsilon"],
            "local_rollout_forward_batch_size": s["batch_size"],  # one generate call per rollout, as TRL
-           "num_sample_rows": 0}
+           "num_sample_rows": 0, "share_prompt_prefix": s.get("share_prompt_prefix", True)}
 if algorithm == "grpo":
     options.update({"loss_type": s["loss_type"], "scale_rewards": s["scale_rewards"]})
 else:
     options.update({"normalize_advantages": s["normalize_advantages"]})
 config = build_stage(algorithm, {
     "model": {"model_name_or_path": s["policy"]},
-    "data": {"dataset_name": "builtin:review-prompts", "max_prompt_length": s["max_prompt_length"],
-             "max_eval_samples": s["stage_eval_samples"]},
+    "data": {"dataset_name": s.get("dataset_name", "builtin:review-prompts"), "max_prompt_length": s["max_prompt_length"],
+             "max_eval_samples": s["stage_eval_samples"]},  # (a --prompt-words file has no held-out split)
     "generation": {"response_length": s["response_length"], "min_response_length": s["min_response_length"],
                    "temperature": s["temperature"], "top_k": 0, "top_p": 1.0},
     "reward": {"function": s["reward_function"]},

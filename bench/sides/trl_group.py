@@ -27,7 +27,7 @@ s = spec
 algorithm = s["algorithm"]
 tokenizer = load_tokenizer(s["policy"], padding_side="left")
 data_cfg = build_stage(algorithm, {"reward": {"function": "builtin:sentiment"},
-                                   "data": {"dataset_name": "builtin:review-prompts",
+                                   "data": {"dataset_name": s.get("dataset_name", "builtin:review-prompts"),
                                             "max_prompt_length": s["max_prompt_length"]}})
 train_raw, _ = load_splits(data_cfg.data)
 ours_ids, _ = prepare_prompts(train_raw, tokenizer, data_cfg, "train")

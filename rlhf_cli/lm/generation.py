@@ -59,12 +59,14 @@ def install_sampling_config(model, gen: GenerationConfig, stop_id: int | None, p
 
 
 @torch.no_grad()
-def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, prefilled: dict | None = None) -> torch.Tensor:
     """(B, P) left-padded queries -> (B, T) sampled response tokens, T <= response_length.
 
     Rows that stopped early are padded on the right; callers truncate after the stop token.
+    `prefilled`: what the prompts computed already (lm/shared_prompts.py `prefill`), passed to generate.
     """
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, synced_gpus=synced_generation(model))
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, synced_gpus=synced_generation(model),
+                         **(prefilled or {}))
     if getattr(innermost_model(model).config, "is_encoder_decoder", False):
         return out[:, 1:]  # drop the decoder start token
     return out[:, query_ids.shape[1] :]
@@ -137,7 +139,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask: torch.Tensor, temperature: float):
+def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask: torch.Tensor, temperature: float,
+                         prefilled: dict | None = None):
     """`sample_responses`, and from the same forward passes: each sampled token's log-probability
     under softmax(logits / temperature) over the whole vocabulary and the value of the position that
     sampled it -- what a separate no-grad forward of the policy over the rollout would compute.
@@ -149,7 +152,8 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     comes back as the next input, that token's scaled logit. Memory: one (B, V) row of logits at a
     time, never (B, T, V). Returns (responses (B, T), logprobs (B, T) float32, values (B, T)
     float32; None without a value head), or logprobs/values None when the steps seen do not match
-    the tokens returned.
+    the tokens returned. `prefilled`: as `sample_responses` (generate's first step then runs the last
+    prompt token alone; the hooks see the same logits).
     """
     inner = innermost_model(model)
     lse, picked, values = [], [], []
@@ -176,7 +180,7 @@ def sample_with_logprobs(model, value_head, query_ids: torch.Tensor, query_mask:
     if value_head is not None:
         handles.append(inner.get_output_embeddings().register_forward_pre_hook(before_head))
     try:
-        responses = sample_responses(model, query_ids, query_mask)
+        responses = sample_responses(model, query_ids, query_mask, prefilled)
     finally:
         for handle in handles:
             handle.remove()

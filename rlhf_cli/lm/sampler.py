@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_cli.lm.generation import sample_responses, sample_with_logprobs
+from rlhf_cli.lm.shared_prompts import PromptSharing, duplicate_rows, prefill
 from rlhf_cli.training.sharding import root_gathered
 
 
@@ -28,8 +29,12 @@ class Sampler:
 
 
 class HFSampler(Sampler):
-    def __init__(self, model, temperature: float, accelerator):
+    def __init__(self, model, temperature: float, accelerator, sharing: PromptSharing | None = None,
+                 response_length: int = 0):
+        """`sharing`: consecutive rows that hold the same prompt (a group) run it once before sampling
+        (lm/shared_prompts.py); None: every row runs its own."""
         self.model, self.temperature, self.accelerator = model, temperature, accelerator  # a PolicyWithValue
+        self.sharing, self.response_length = sharing, response_length
         # log-probs (and values) from generate's own passes: causal policies whose values, if any,
         # come from the policy's hidden states (a separate critic needs its own forward)
         self.captures = not model.is_encoder_decoder and model.critic is None
@@ -52,15 +57,20 @@ class HFSampler(Sampler):
 
     def _sample_chunk(self, policy, value_head, q, m):
         with self.accelerator.autocast():  # the precision of the update's forward (docs/ppo.md, Precision)
+            shared = None if self.sharing is None else self.sharing.plan(
+                duplicate_rows(q, m), q.shape[1], q.shape[1] + self.response_length)
+            prefilled = None if shared is None else prefill(policy, q, m, shared)
             if self.captures:
-                return sample_with_logprobs(policy, value_head, q, m, self.temperature)
-            return sample_responses(policy, q, m), None, None
+                return sample_with_logprobs(policy, value_head, q, m, self.temperature, prefilled)
+            return sample_responses(policy, q, m, prefilled), None, None
 
 
-def make_sampler(model, gen, stop_id: int | None, max_prompt_length: int, accelerator, seed: int) -> Sampler:
-    """The Sampler `generation.backend` names (`gen` a GenerationConfig; the eval's has no backend: hf)."""
+def make_sampler(model, gen, stop_id: int | None, max_prompt_length: int, accelerator, seed: int,
+                 sharing: PromptSharing | None = None) -> Sampler:
+    """The Sampler `generation.backend` names (`gen` a GenerationConfig; the eval's has no backend: hf);
+    `sharing`: the HF sampler runs each group's prompt once (vLLM caches prefixes by itself)."""
     if getattr(gen, "backend", "hf") == "vllm":
         from rlhf_cli.lm.vllm_sampler import VLLMSampler  # vllm is imported only when asked for
 
         return VLLMSampler(model, gen, stop_id, max_prompt_length, accelerator, seed)
-    return HFSampler(model, gen.temperature, accelerator)
+    return HFSampler(model, gen.temperature, accelerator, sharing, gen.response_length)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rlhf_cli.lm import shared_prompts
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -85,8 +87,8 @@ class PolicyWithValue(nn.Module):
                 model.tie_weights()
 
     def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.value_head is None:
-            return self.policy(**inputs, use_cache=False).logits, None
+        if self.value_head is None:  # (prompts shared between rows where the inputs say so: lm/shared_prompts.py)
+            return shared_prompts.logits(self.policy, inputs), None
         if self.critic is not None:
             logits = self.policy(**inputs, use_cache=False).logits
             hidden = self.critic(**inputs).last_hidden_state

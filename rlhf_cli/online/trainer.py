@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from rlhf_cli.lm import shared_prompts
 from rlhf_cli.lm.forward import model_inputs, response_slice, supports_logits_to_keep, trim_padding
 from rlhf_cli.lm.generation import encode_prompts, install_sampling_config, left_pad, stop_token_id
 from rlhf_cli.lm.head import TokenStats, read_tokens
@@ -43,7 +44,7 @@ def rollout_rows(training, algorithm: Algorithm) -> int:
 class OnlineTrainer:
     def __init__(self, config, algorithm: Algorithm, total_episodes: int, model: PolicyWithValue, tokenizer,
                  accelerator, reference=None, rollout_forward_batch_size: int = 64, num_generations: int = 1,
-                 alarms: AlarmMonitor | None = None):
+                 alarms: AlarmMonitor | None = None, share_prompts: bool = False):
         self.config, self.algorithm, self.tokenizer, self.accelerator = config, algorithm, tokenizer, accelerator
         self.alarms = alarms  # the run's reward-hacking alarms (online/alarms.py): their state is checkpointed here
         self.temperature = config.generation.temperature
@@ -65,11 +66,25 @@ class OnlineTrainer:
                                     and supports_logits_to_keep(unwrapped.policy))
         self.reference_keeps_logits = not self.encoder_decoder and supports_logits_to_keep(
             self.reference if self.reference is not None else unwrapped.policy)
+        self.prompt_sharing = self._prompt_sharing() if share_prompts else None
         install_sampling_config(unwrapped.policy, config.generation, self.stop_id, tokenizer.pad_token_id)
         self.sampler = make_sampler(unwrapped, config.generation, self.stop_id, config.data.max_prompt_length,
-                                    accelerator, config.training.seed)
+                                    accelerator, config.training.seed, self.prompt_sharing)
         self.environment = None  # a TextEnvironment (environments/rollout.py): multi-turn episodes with tools
         self.episode = 0
+
+    def _prompt_sharing(self) -> shared_prompts.PromptSharing | None:
+        """Forwards that run each distinct prompt of their rows once (lm/shared_prompts.py), where the
+        models and the engine allow it; the log says why not where they do not."""
+        unwrapped = self.unwrapped
+        if unwrapped.value_head is not None:
+            return None  # (algorithms with a critic sample one response per prompt)
+        models = [m for m in (unwrapped.policy, self.reference) if m is not None]
+        sharing = shared_prompts.PromptSharing(models, self.accelerator.distributed_type.value)
+        if sharing.why_not:
+            log.info("share_prompt_prefix: off (%s); every row runs its prompt", sharing.why_not)
+            return None
+        return sharing
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -155,20 +170,27 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _inputs(self, r: Experience, idx, keep_logits: bool) -> tuple[dict, int, int]:
-        """Model inputs for rows `idx`, trimmed to the padding those rows need; (inputs, P', T')."""
+    def _inputs(self, r: Experience, idx, keep_logits: bool) -> tuple[dict, tuple[int, int, bool]]:
+        """Model inputs for rows `idx`, trimmed to the padding those rows need; (inputs, (P', T', kept)),
+        kept: the model returns logits from position P'-1 on (the response's), not for every column."""
         q, qm, resp, rm = trim_padding(r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], r.response_mask[idx])
         inputs = model_inputs(self.unwrapped.policy.config, q, qm, resp, rm)
+        P, T = q.shape[1], resp.shape[1]
+        shared = None if self.prompt_sharing is None or r.group_ids is None else self.prompt_sharing.plan(
+            r.group_ids[idx], P, P + T)
+        if shared is not None:  # each distinct prompt once (lm/shared_prompts.py)
+            inputs[shared_prompts.SHARED] = shared
+            return inputs, (P, T, True)
         if keep_logits:  # logits at positions P'-1 .. P'+T'-1 only: the last T'+1 (the very last is unused)
-            inputs["logits_to_keep"] = resp.shape[1] + 1
-        return inputs, q.shape[1], resp.shape[1]
+            inputs["logits_to_keep"] = T + 1
+        return inputs, (P, T, keep_logits)
 
-    def _read(self, model, forward, r: Experience, idx, inputs_of: tuple[int, int, bool],
+    def _read(self, model, forward, r: Experience, idx, columns: tuple[int, int, bool],
               entropy: str = "none") -> tuple[TokenStats, object]:
         """TokenStats (b, T') of the response tokens of rows `idx` from `forward()` -> (logits, other),
         a forward through the HF model `model` (lm/head.py: log-probs and entropy chunked through its
         LM head, without (b, T', V) logits where the model allows)."""
-        P, T, kept = inputs_of
+        P, T, kept = columns
 
         def response_columns(x: torch.Tensor) -> torch.Tensor:  # (b, k, ...) -> (b, T', ...)
             return x[:, :T] if kept else response_slice(x, P, T, self.encoder_decoder)
@@ -180,25 +202,24 @@ class OnlineTrainer:
     def _policy_forward(self, r: Experience, idx, entropy: str = "stat") -> tuple[TokenStats, torch.Tensor | None]:
         """TokenStats (b, T') and values (b, T') (None without a critic) in ONE forward of the policy
         with its value head, over rows `idx` trimmed to their longest query and response (T' <= T)."""
-        inputs, P, T = self._inputs(r, idx, self.policy_keeps_logits)
-        stats, values = self._read(self.unwrapped.policy, lambda: self.model(**inputs), r, idx,
-                                   (P, T, self.policy_keeps_logits), entropy)
-        return stats, None if values is None else response_slice(values, P, T, self.encoder_decoder)
+        inputs, columns = self._inputs(r, idx, self.policy_keeps_logits)
+        stats, values = self._read(self.unwrapped.policy, lambda: self.model(**inputs), r, idx, columns, entropy)
+        return stats, None if values is None else response_slice(values, *columns[:2], self.encoder_decoder)
 
     def reference_logprobs(self, r: Experience, idx) -> torch.Tensor:
         """Reference log-probs (b, T'), trimmed as in `_policy_forward`: a frozen copy, or the LoRA
         policy as its reference (its frozen starting adapter, or its adapter disabled: models/policy.py)."""
-        inputs, P, T = self._inputs(r, idx, self.reference_keeps_logits)
+        inputs, columns = self._inputs(r, idx, self.reference_keeps_logits)
         model = self.reference if self.reference is not None else self.unwrapped.policy
 
         def forward():  # (a fresh context each call: read_tokens may run the forward twice)
             if self.reference is not None:
-                return model(**inputs, use_cache=False).logits, None
+                return shared_prompts.logits(model, inputs), None
             # the policy called past its wrapper: under FSDP the wrapper's own parameters are gathered here
             with reference_mode(model), root_gathered(self.model):
-                return model(**inputs, use_cache=False).logits, None
+                return shared_prompts.logits(model, inputs), None
 
-        stats, _ = self._read(model, forward, r, idx, (P, T, self.reference_keeps_logits))
+        stats, _ = self._read(model, forward, r, idx, columns)
         return stats.logprobs
 
     @torch.no_grad()

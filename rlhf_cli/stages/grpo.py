@@ -8,4 +8,5 @@ from rlhf_cli.stages.online import run_online
 
 def run(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> None:
     algorithm = GRPO(config.grpo, config.training, config.generation.response_length)
-    run_online("grpo", config, config.grpo, algorithm, resume, overwrite, num_generations=config.grpo.num_generations)
+    run_online("grpo", config, config.grpo, algorithm, resume, overwrite, num_generations=config.grpo.num_generations,
+               share_prompts=config.grpo.share_prompt_prefix)

@@ -82,9 +82,10 @@ def held_out_scores(trainer: OnlineTrainer, reward: CombinedReward, prompts, col
 
 
 def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, overwrite: bool,
-               critic: str | None = None, num_generations: int = 1) -> None:
+               critic: str | None = None, num_generations: int = 1, share_prompts: bool = False) -> None:
     """`options`: the stage's own section (total_episodes, local_rollout_forward_batch_size,
-    sample_steps, num_sample_rows); `critic`: a separate critic model for an algorithm with one."""
+    sample_steps, num_sample_rows); `critic`: a separate critic model for an algorithm with one;
+    `share_prompts`: forwards run each distinct prompt once (lm/shared_prompts.py)."""
     # 1. Output folder, accelerator, logging
     run_ = start_run(stage, config, resume, overwrite)
     accelerator, training = run_.accelerator, config.training
@@ -112,7 +113,8 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
     alarms = AlarmMonitor(options, stage)  # reward-hacking alarms and stopping rules (online/alarms.py)
     monitored = [name for name, weight in zip(reward.names, reward.weights, strict=True) if weight == 0]
     trainer = OnlineTrainer(config, algorithm, options.total_episodes, model, tokenizer, accelerator, reference,
-                            options.local_rollout_forward_batch_size, num_generations, alarms=alarms)
+                            options.local_rollout_forward_batch_size, num_generations, alarms=alarms,
+                            share_prompts=share_prompts)
     if tools is not None:
         trainer.environment = environment_from_config(config.environment, config.generation, trainer.unwrapped.policy,
                                                       tokenizer, trainer.stop_id, config.model.model_name_or_path,

@@ -8,4 +8,5 @@ from rlhf_cli.stages.online import run_online
 
 def run(config: RLOOConfig, resume: bool = False, overwrite: bool = False) -> None:
     algorithm = RLOO(config.rloo, config.training, config.generation.response_length)
-    run_online("rloo", config, config.rloo, algorithm, resume, overwrite, num_generations=config.rloo.num_generations)
+    run_online("rloo", config, config.rloo, algorithm, resume, overwrite, num_generations=config.rloo.num_generations,
+               share_prompts=config.rloo.share_prompt_prefix)
