@@ -1,6 +1,7 @@
-"""lm/shared_prompts.py: each distinct prompt of a forward's rows runs once, and the log-probs and
-gradients are those of the plain forward, for every architecture users bring (tests/architectures.py),
-behind LoRA, and through the GRPO trainer (reference, rollout forwards and the update)."""
+"""lm/shared_prompts.py: each distinct prompt of a forward's rows runs once, and the sampled tokens,
+log-probs and gradients are those of the plain forward, for every architecture users bring
+(tests/architectures.py), behind LoRA, and through the GRPO trainer (sampling, the reference forward
+and the update)."""
 
 import pytest
 import torch
