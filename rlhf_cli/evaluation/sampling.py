@@ -15,9 +15,8 @@ from rlhf_cli.config.sections import GenerationConfig
 from rlhf_cli.environments.rollout import environment_from_config
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.metrics import sequence_kl
-from rlhf_cli.lm.forward import model_inputs, response_slice
+from rlhf_cli.lm.forward import innermost_model, model_inputs, response_slice
 from rlhf_cli.lm.generation import (
-    innermost_model,
     install_sampling_config,
     left_pad,
     sample_responses,

@@ -63,14 +63,23 @@ def trim_padding(query_ids, query_mask, response_ids, response_mask):
     return query_ids[:, first:], query_mask[:, first:], response_ids[:, :longest], response_mask[:, :longest]
 
 
-def supports_logits_to_keep(model) -> bool:
-    """Whether `model.forward` can compute the LM head for the last positions only (transformers'
-    `logits_to_keep`); PEFT models forward it to the model they wrap."""
+def innermost_model(model):
+    """The transformers model under PEFT / DDP wrappers (where `generation_config` lives)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_takes(model, argument: str) -> bool:
+    """Whether the forward of `model` (its transformers model: PEFT models pass keywords on) takes `argument`."""
     import inspect
 
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return argument in inspect.signature(innermost_model(model).forward).parameters
+
+
+def supports_logits_to_keep(model) -> bool:
+    """Whether `model.forward` can compute the LM head for the last positions only (transformers'
+    `logits_to_keep`)."""
+    return forward_takes(model, "logits_to_keep")
 
 
 @contextmanager

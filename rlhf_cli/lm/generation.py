@@ -14,6 +14,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 
 from rlhf_cli.config.sections import GenerationConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.lm.forward import innermost_model
 from rlhf_cli.training.sharding import synced_generation
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,6 @@ def stop_token_id(gen: GenerationConfig, tokenizer) -> int | None:
             f"generation.stop_token: {gen.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one."
         )
     return ids[0]
-
-
-def innermost_model(model):
-    """The transformers model under PEFT / DDP wrappers (where `generation_config` lives)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def install_sampling_config(model, gen: GenerationConfig, stop_id: int | None, pad_id: int) -> None:

@@ -22,10 +22,11 @@ GRPO benchmark's 7-token prompts (MIN_SAVING), 0.43x the iteration's time with 1
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from rlhf_cli.lm.forward import forward_takes, innermost_model, supports_logits_to_keep
 
 SHARED = "shared_prompts"  # the key of a SharedPrompts in a forward's inputs
 
@@ -42,18 +43,9 @@ class SharedPrompts:
     prompt_width: int  # P: the (left-padded) prompt columns of the inputs
 
 
-def _base(model):
-    inner = getattr(model, "module", model)  # DDP
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
-
-
-def _takes(model, argument: str) -> bool:
-    return argument in inspect.signature(_base(model).forward).parameters
-
-
 def _cache_argument(model) -> str | None:
     """The name under which `model.forward` takes a KV cache (transformers renames it in 5.x)."""
-    return next((name for name in ("cache", "past_key_values") if _takes(model, name)), None)
+    return next((name for name in ("cache", "past_key_values") if forward_takes(model, name)), None)
 
 
 def _new_cache(model):
@@ -80,7 +72,7 @@ class PromptSharing:
 
         if engine in ("DEEPSPEED", "FSDP"):
             return f"not under {engine.lower()} yet"
-        base = _base(model)
+        base = innermost_model(model)
         checkpointing = getattr(base, "is_activation_checkpointing", None)  # (older transformers: the name below)
         if checkpointing if checkpointing is not None else getattr(base, "is_gradient_checkpointing", False):
             return "gradient checkpointing recomputes layers without the cache"
@@ -136,7 +128,7 @@ def _prompt_states(model, ids: torch.Tensor, mask: torch.Tensor, positions: torc
         return {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded[shared.row_prompt])}
     cache, cache_name = _new_cache(model), _cache_argument(model)
     prefix = slice(0, shared.prompt_width - 1)
-    head = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}  # the prefix predicts nothing we read
+    head = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}  # the prefix predicts nothing we read
     model(input_ids=ids[first, prefix], attention_mask=mask[first, prefix], position_ids=positions[first, prefix],
           use_cache=True, **{cache_name: cache}, **head)  # fills the cache: (U, heads, P - 1, d) per layer
     cache.batch_select_indices(shared.row_prompt)  # an index: in backward, a sum over each prompt's rows
