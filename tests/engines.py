@@ -15,6 +15,7 @@ over the processes, or a shard left out, moves the weights by ~1e-3 per step. Re
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def launched(engine: str, *args: str) -> str:
 
 ONLINE = {"generation": {"response_length": 12}, "reward": {"function": "builtin:sentiment"}}
 PROMPTS = {"dataset_name": "builtin:review-prompts"}
+# review openings as prompts (each run gives data.prompt_opening_tokens)
+OPENINGS = {"dataset_name": "builtin:reviews", "prompt_column": "text", "max_prompt_length": 256}
 PPO = {"total_episodes": 64, "num_mini_batches": 2, "num_ppo_epochs": 1}
 CRITIC_FREE = {"total_episodes": 64, "num_generations": 4, "beta": 0.04, "steps_per_generation": 2}
 LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8}
@@ -121,11 +124,13 @@ RUNS = {
     # an encoder-decoder policy shards inside the wrapper (alone it cannot: the refusal test below)
     "ppo-t5": ("ppo", PROMPTS, {**ONLINE, "ppo": PPO, "model": {"model_name_or_path": T5}},
                ["model.safetensors", "value_head.safetensors"]),
-    # no value head: the tied LM head of the wrapped policy must stay tied (it came back untied, once)
-    "grpo": ("grpo", PROMPTS, {**ONLINE, "grpo": CRITIC_FREE, "model": {"model_name_or_path": LLAMA}},
-             ["model.safetensors"]),
-    "rloo": ("rloo", PROMPTS, {**ONLINE, "rloo": CRITIC_FREE, "model": {"model_name_or_path": QWEN2}},
-             ["model.safetensors"]),
+    # no value head: the tied LM head of the wrapped policy must stay tied (it came back untied, once).
+    # Each prompt runs once per group (lm/shared_prompts.py): GRPO's 20-24-token prompts share in every training
+    # forward; RLOO's 2-12-token ones in some, where one process's rows would and another's would not
+    "grpo": ("grpo", {**OPENINGS, "prompt_opening_tokens": [20, 24]},
+             {**ONLINE, "grpo": CRITIC_FREE, "model": {"model_name_or_path": LLAMA}}, ["model.safetensors"]),
+    "rloo": ("rloo", {**OPENINGS, "prompt_opening_tokens": [2, 12]},
+             {**ONLINE, "rloo": CRITIC_FREE, "model": {"model_name_or_path": QWEN2}}, ["model.safetensors"]),
     # a diffusers UNet: sampled by every process in step (evaluation, grids), saved through a whole copy
     "ddpo": ("ddpo", IMAGE_PROMPTS, {**DDPO, "peft": {"use_peft": False}}, ["unet/diffusion_pytorch_model.safetensors"]),
     # LoRA: the pipeline samples through the sharded peft model (its root's parameters gathered in its forward)
@@ -230,6 +235,13 @@ def assert_resume_exactly(engine: str, runs: Path) -> None:
         assert f"resumed from {runs / name / f'checkpoint-{halfway}'}" in log, (name, log[-3000:])
         assert metrics(runs / name) == uninterrupted[name], name
         assert {file: (runs / name / file).read_bytes() for file in final[name]} == final[name], name
+
+
+def assert_prompts_shared_in_step(log: str) -> None:
+    """GRPO and RLOO ran prompts once per group in some forwards, every process deciding as the others did
+    (training/sharding.py `agreement`: else ZeRO-2 reduced mixed-up gradients for RLOO here)."""
+    shared = re.findall(r"share_prompt_prefix: (\d+) of \d+ forwards.*, or another process's did\)", log)
+    assert len(shared) == 2 and all(int(n) > 0 for n in shared), shared or log[-3000:]
 
 
 def ddp_runs(tmp_path_factory) -> Path:

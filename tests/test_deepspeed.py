@@ -8,7 +8,16 @@ uninterrupted run.
 
 import pytest
 import torch
-from engines import RUNS, assert_resume_exactly, ddp_runs, launch, launched, mismatches_with_ddp, write_recipe
+from engines import (
+    RUNS,
+    assert_prompts_shared_in_step,
+    assert_resume_exactly,
+    ddp_runs,
+    launch,
+    launched,
+    mismatches_with_ddp,
+    write_recipe,
+)
 from transformers import AutoModelForCausalLM
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -20,6 +29,7 @@ def test_every_stage_under_zero_equals_ddp_and_resumes(stage, tmp_path, tmp_path
     log = launched(engine, "run", str(write_recipe(tmp_path, runs)))
     assert log.count(f"DeepSpeed ZeRO-{stage}: ") == len(RUNS), log[-3000:]
     assert "has not been tested" not in log and "the launcher asks for" not in log
+    assert_prompts_shared_in_step(log)
     assert "is deprecated. Please use `torch.distributed" not in log  # torch's notice to DeepSpeed, per collective
 
     assert not (problems := mismatches_with_ddp(runs, ddp)), problems

@@ -9,6 +9,7 @@ import torch
 import yaml
 from engines import (
     RUNS,
+    assert_prompts_shared_in_step,
     assert_resume_exactly,
     ddp_runs,
     launch,
@@ -26,6 +27,7 @@ def test_every_stage_under_fsdp_equals_ddp_and_resumes(tmp_path, tmp_path_factor
     log = launched("fsdp_cpu", "run", str(write_recipe(tmp_path, fsdp)))
     assert log.count("FSDP 2: parameters, gradients and optimizer state sharded over 2 processes") == len(RUNS)
     assert "has not been tested" not in log
+    assert_prompts_shared_in_step(log)
 
     assert not (problems := mismatches_with_ddp(fsdp, ddp)), problems
     assert (fsdp / "sft" / "samples.jsonl").read_text() == (ddp / "sft" / "samples.jsonl").read_text()

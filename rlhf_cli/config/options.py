@@ -89,7 +89,7 @@ class GroupOptions(AlarmOptions):
         True,
         "Run each distinct prompt of a forward's rows through the model once and let all its responses read "
         "it (a shared KV cache; a shared encoder output): the same log-probs and gradients, less work the "
-        "longer the prompts (docs/grpo.md). Off by itself where the model or engine cannot (the log says why).",
+        "longer the prompts (docs/grpo.md). Off by itself where the model cannot (the log says why).",
     )
     sample_steps: int = option(10, "Write a few (prompt, response, reward) rows every this many iterations.", min=1)
     num_sample_rows: int = option(4, "Rows written each time samples are logged.", min=0)

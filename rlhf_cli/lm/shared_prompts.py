@@ -22,6 +22,7 @@ GRPO benchmark's 7-token prompts (MIN_SAVING), 0.43x the iteration's time with 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +62,18 @@ def _new_cache(model):
 class PromptSharing:
     """Whether and how the forwards of `models` (the policy, and its reference if apart) share prompts."""
 
-    def __init__(self, models: list, engine: str):
-        """`engine`: accelerate's distributed type (DeepSpeed and FSDP are untested with two model calls
-        in one forward, so they are left out)."""
+    def __init__(self, models: list, agree: Callable[[bool], bool] | None = None):
+        """`agree`: where the processes must choose alike (FSDP, DeepSpeed: training/sharding.py `agreement`),
+        this process's choice -> all of theirs (share only where every process would); None: each process
+        chooses for its own rows."""
         self.window: int | None = None  # the smallest sliding-window span: longer rows run plainly
-        self.why_not = next((why for why in (self._unsupported(m, engine) for m in models) if why), None)
+        self.agree = agree
+        self.planned = self.shared = 0  # forwards (and sampling batches) planned, and those that shared
+        self.why_not = next((why for why in (self._unsupported(m) for m in models) if why), None)
 
-    def _unsupported(self, model, engine: str) -> str | None:
+    def _unsupported(self, model) -> str | None:
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        if engine in ("DEEPSPEED", "FSDP"):
-            return f"not under {engine.lower()} yet"
         base = innermost_model(model)
         checkpointing = getattr(base, "is_activation_checkpointing", None)  # (older transformers: the name below)
         if checkpointing if checkpointing is not None else getattr(base, "is_gradient_checkpointing", False):
@@ -94,8 +96,18 @@ class PromptSharing:
     def plan(self, group_ids: torch.Tensor | None, prompt_width: int, length: int) -> SharedPrompts | None:
         """group_ids (b,): the prompt each row answers; rows of `length` columns (prompt + response) ->
         a SharedPrompts, or None to run the rows plainly: sharing is off, a row would not fit the window,
-        or it would spare less than MIN_SAVING of the tokens (no two rows share a prompt, short prompts)."""
-        if self.why_not or group_ids is None or (self.window and length > self.window):
+        or it would spare less than MIN_SAVING of the tokens (no two rows share a prompt, short prompts), or
+        (with `agree`) that holds for another process's rows."""
+        if self.why_not or group_ids is None:
+            return None
+        shared = self._plan(group_ids, prompt_width, length)
+        if self.agree is not None and not self.agree(shared is not None):
+            shared = None
+        self.planned, self.shared = self.planned + 1, self.shared + (shared is not None)
+        return shared
+
+    def _plan(self, group_ids: torch.Tensor, prompt_width: int, length: int) -> SharedPrompts | None:
+        if self.window and length > self.window:
             return None
         distinct, row_prompt = torch.unique(group_ids, return_inverse=True)
         spared = (len(group_ids) - len(distinct)) * (prompt_width - 1)  # the prompt columns run ahead, once
@@ -104,6 +116,13 @@ class PromptSharing:
         rows = torch.arange(len(group_ids), device=group_ids.device)
         first = torch.full_like(distinct, len(group_ids)).scatter_reduce(0, row_prompt, rows, "amin")
         return SharedPrompts(first, row_prompt, prompt_width)
+
+    def summary(self) -> str:
+        """One line for the log: how often it shared, and what kept the rest from it."""
+        return (f"share_prompt_prefix: {self.shared} of {self.planned} forwards and sampling batches ran each "
+                f"prompt once (the others spared less than {MIN_SAVING:.0%} of their tokens"
+                + (", had rows past the sliding window" if self.window else "")
+                + (", or another process's did" if self.agree else "") + ")")
 
 
 def duplicate_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from rlhf_cli.online.algorithm import Algorithm
 from rlhf_cli.online.experience import Experience
 from rlhf_cli.online.updater import NonFiniteBatch, Updater
 from rlhf_cli.training.optim import make_optimizer, make_scheduler
-from rlhf_cli.training.sharding import check_shardable, root_gathered
+from rlhf_cli.training.sharding import agreement, check_shardable, root_gathered
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class OnlineTrainer:
         if unwrapped.value_head is not None:
             return None  # (algorithms with a critic sample one response per prompt)
         models = [m for m in (unwrapped.policy, self.reference) if m is not None]
-        sharing = shared_prompts.PromptSharing(models, self.accelerator.distributed_type.value)
+        sharing = shared_prompts.PromptSharing(models, agreement(self.accelerator))
         if sharing.why_not:
             log.info("share_prompt_prefix: off (%s); every row runs its prompt", sharing.why_not)
             return None

@@ -217,6 +217,8 @@ def run_online(stage: str, config, options, algorithm: Algorithm, resume: bool, 
         if alarms.stop is not None:
             break
     cadence.close()
+    if trainer.prompt_sharing is not None:
+        log.info(trainer.prompt_sharing.summary())
 
     # 6. Held-out score, final checkpoint, the model (with its value head) at the top of output_dir
     evaluate_held_out(iteration)

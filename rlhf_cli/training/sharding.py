@@ -12,7 +12,9 @@ under ZeRO-2 as well, is checkpointed by DeepSpeed itself: training/checkpoint.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from accelerate.utils import DistributedType
@@ -47,6 +49,25 @@ def zero_stage(accelerator) -> int:
 def params_partitioned(accelerator) -> bool:
     """Every forward and every read of a weight is a collective: FSDP or ZeRO-3."""
     return is_sharded(accelerator) or zero_stage(accelerator) == 3
+
+
+def on_every_process(accelerator, flag: bool) -> bool:
+    """True where `flag` is true on every process (one all-reduce: every process must call it)."""
+    count = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
+    return round(count.item()) == accelerator.num_processes
+
+
+def agreement(accelerator) -> Callable[[bool], bool] | None:
+    """For a choice that changes which model calls a forward makes (lm/shared_prompts.py): this process's
+    choice -> the one every process makes (true where all chose it); None where each may choose alone (one
+    process, DDP). FSDP and ZeRO-3 gather the weights in every layer's forward, so every model call is a
+    collective; ZeRO-1/2 reduce the gradients in buckets as they become ready, so a forward that will be
+    backpropagated must take the same path on every process (else the buckets mix other parameters)."""
+    if params_partitioned(accelerator):
+        return partial(on_every_process, accelerator)
+    if zero_stage(accelerator):
+        return lambda choice: on_every_process(accelerator, choice) if torch.is_grad_enabled() else choice
+    return None
 
 
 def is_zero3_param(tensor: torch.Tensor) -> bool:

@@ -25,8 +25,8 @@ from rlhf_cli.training.accel import make_accelerator
 pytestmark = pytest.mark.gpu  # also in bench/gpu.sh's GPU subset
 
 
-def sharing_for(model, engine="NO") -> PromptSharing:
-    return PromptSharing([model], engine)
+def sharing_for(model, agree=None) -> PromptSharing:
+    return PromptSharing([model], agree)
 
 
 def test_plan_maps_each_row_to_one_row_of_its_prompt():
@@ -47,13 +47,31 @@ def test_too_little_to_share_runs_plainly():
     assert sharing.plan(torch.tensor([0, 0, 1, 1, 2]), prompt_width=4, length=7) is None
 
 
-def test_where_the_model_or_engine_cannot_share_it_says_why():
+def test_where_the_model_cannot_share_it_says_why():
     model, _ = build_tiny("llama")
     assert sharing_for(model).why_not is None
-    assert "deepspeed" in sharing_for(model, "DEEPSPEED").why_not
-    assert "fsdp" in sharing_for(model, "FSDP").why_not
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert "gradient checkpointing" in sharing_for(model).why_not
+
+
+def test_where_processes_must_agree_it_shares_only_where_every_one_would():
+    """FSDP, ZeRO-3: a model call is a collective, so `agree` turns this process's decision into everyone's."""
+    model, asked = build_tiny("gpt2")[0], []
+
+    def others_refuse(share: bool) -> bool:
+        asked.append(share)
+        return False
+
+    groups = torch.tensor([0, 0, 1, 1])
+    assert sharing_for(model).plan(groups, prompt_width=8, length=10) is not None  # alone, it would share
+    refused = sharing_for(model, others_refuse)
+    assert refused.plan(groups, prompt_width=8, length=10) is None
+    assert refused.plan(torch.tensor([0, 1, 2, 3]), prompt_width=8, length=10) is None
+    assert asked == [True, False]  # every plan asks, also one that would not share (the others must hear it)
+    assert "0 of 2 forwards" in refused.summary() and "another process" in refused.summary()
+    agreed = sharing_for(model, lambda share: share)
+    assert agreed.plan(groups, prompt_width=8, length=10).row_prompt.tolist() == [0, 0, 1, 1]
+    assert agreed.shared == agreed.planned == 1
 
 
 def test_a_sliding_window_shares_only_rows_that_fit_it():
@@ -87,7 +105,7 @@ def plain_and_shared(model, pad: int):
     query, query_mask, responses, response_mask, groups = ragged_rows(model.config.vocab_size, pad)
     inputs = model_inputs(model.config, query, query_mask, responses, response_mask)
     P, T = query.shape[1], responses.shape[1]
-    plan = PromptSharing([model], "NO").plan(groups, P, P + T)
+    plan = PromptSharing([model]).plan(groups, P, P + T)
     assert plan is not None and len(plan.first) == 3
     results = []
     for shared in (None, plan):
@@ -117,7 +135,7 @@ def test_shared_prompts_give_the_plain_forwards_logprobs_and_gradients(name):
     model, tokenizer = build_tiny(name)
     disable_dropout(model)
     model.train()
-    assert PromptSharing([model], "NO").why_not is None
+    assert PromptSharing([model]).why_not is None
     plain, shared = plain_and_shared(model, tokenizer.pad_token_id)
     assert plain[0].abs().sum() > 0 and any(g.abs().sum() > 0 for g in plain[1])
     assert_same(plain, shared)
@@ -132,7 +150,7 @@ def test_behind_lora_the_adapters_gradients_are_the_same(name):
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=task,
                                              init_lora_weights=False))
     disable_dropout(model)
-    assert PromptSharing([model], "NO").why_not is None
+    assert PromptSharing([model]).why_not is None
     assert_same(*plain_and_shared(model, tokenizer.pad_token_id))
 
 
@@ -148,7 +166,7 @@ def test_sampling_from_prompts_run_once_draws_the_same_tokens_and_logprobs(name)
     query, query_mask, *_ = ragged_rows(model.config.vocab_size, tokenizer.pad_token_id)
     order = torch.tensor([0, 3, 1, 4, 2, 5, 6])  # rows of a prompt next to each other, as the trainer repeats them
     query, query_mask = query[order], query_mask[order]
-    shared = PromptSharing([model], "NO").plan(shared_prompts.duplicate_rows(query, query_mask), 5, 11)
+    shared = PromptSharing([model]).plan(shared_prompts.duplicate_rows(query, query_mask), 5, 11)
     assert shared is not None and len(shared.first) == 3
     runs = []
     for prefilled in (None, shared_prompts.prefill(model, query, query_mask, shared)):
