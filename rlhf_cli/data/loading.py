@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 
 from rlhf_cli.config.sections import DataConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.hub import before_lookup
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def _load_folder(path: Path) -> DatasetDict:
 
 
 def _load_hub(name: str, config_name: str | None) -> DatasetDict:
+    before_lookup(name)
     try:
         return datasets.load_dataset(name, config_name)
     except Exception as err:

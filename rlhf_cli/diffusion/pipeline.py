@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.hub import before_lookup
 
 BUILTIN = "builtin:tiny-sd"
 # what DDPO reads from a pipeline: text -> embeddings -> denoiser -> latents -> images
@@ -52,6 +53,7 @@ def _pipeline_folder(name: str, key: str) -> str:
         return name
     if os.path.exists(name):
         raise UserError(f"{key}: {name!r} is a file; give the folder of a diffusers pipeline (model_index.json).")
+    before_lookup(name)
     try:
         from huggingface_hub import snapshot_download
 

@@ -28,6 +28,7 @@ from transformers import (
 
 from rlhf_cli.builtin.models import BUILTIN_MODELS, PREFIX, build_builtin, builtin_tokenizer_for
 from rlhf_cli.errors import UserError
+from rlhf_cli.hub import before_lookup
 from rlhf_cli.models.fused import fuse_activations
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def load_tokenizer(
             "save the tokenizer there too, or name one with model.tokenizer_name_or_path"
         )
     _announce_remote_code(trust_remote_code, name_or_path)
+    before_lookup(name_or_path)
     with _as_user_error(name_or_path, config_key, "a tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code, revision=revision
@@ -143,6 +145,7 @@ def load_model(
     extra = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    before_lookup(name_or_path)
     with (_as_user_error(name_or_path, config_key, f"a {task} model"), _attention_errors(attn_implementation),
           torch.random.fork_rng(devices=[])):
         torch.manual_seed(seed)

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from rlhf_cli.config.sections import ModelConfig, PeftConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.hub import before_lookup
 from rlhf_cli.models.adapters import apply_lora
 from rlhf_cli.models.dropout import disable_dropout
 from rlhf_cli.models.loading import float32_master_weights, load_model, model_options
@@ -28,6 +29,7 @@ def is_encoder_decoder(name: str, trust_remote_code: bool = False, revision: str
     adapter = Path(name) / "adapter_config.json"
     if adapter.is_file():
         return is_encoder_decoder(json.loads(adapter.read_text())["base_model_name_or_path"], trust_remote_code)
+    before_lookup(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError):
