@@ -4,92 +4,12 @@
 
 Both sides: the same `builtin:small-gpt2` start (bench/.work/policy-small-gpt2) as policy and, frozen,
 as reference; builtin:review-preferences (prompt + chosen / rejected), the same batch of pairs,
-max_length, beta, sigmoid loss, learning rate, schedule and gradient clipping. Pairs/s: pairs of the
-measured steps / their wall time (a step's time is the gap between two consecutive optimizer steps,
-so the first step never counts); peak RSS of each side's process. Held-out accuracy of the implicit
-reward: each trainer's own evaluation on the same first `--eval-pairs` test pairs (from a
-10-step run it says little; it shows both sides train the same thing).
-Prints a table, then ONE JSON line with the ratios.
+max_length, beta, sigmoid loss, learning rate, schedule and gradient clipping. Held-out accuracy of the
+implicit reward (from a 10-step run it says little; it shows both sides train the same thing). What is
+measured and how: bench/pairs_bench.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import statistics
-
-import common
-from common import (
-    OURS_PY,
-    WORK,
-    alternate,
-    final_json,
-    machine_note,
-    peer_python,
-    print_table,
-    run_side,
-    spread,
-)
-from ppo import POLICY, prepare_models
-
-
-def rates(res: dict, batch: int, warmup: int) -> tuple[float, float]:
-    times, cpu = res["times"][warmup:] or res["times"], res["cpu_times"][warmup:] or res["cpu_times"]
-    return batch * len(times) / sum(times), batch * len(cpu) / sum(cpu)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="further steps dropped per run")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    parser.add_argument("--eval-pairs", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reuse-results", action="store_true",
-                        help="read the result of a run already in bench/.work (same label and spec) instead of "
-                             "running it again: finishes an interrupted benchmark")
-    a = parser.parse_args()
-    common.REUSE = a.reuse_results
-
-    prepare_models()
-    trl_python = peer_python("trl")
-    base = {"model": str(POLICY), "seed": 42, "learning_rate": 5e-5, "warmup_steps": 2,
-            "batch_size": a.batch_size, "steps": a.steps, "max_length": 128, "eval_pairs": a.eval_pairs,
-            "beta": 0.1}
-    sides = {
-        "ours": lambda r: run_side(OURS_PY, "ours_dpo.py",
-                                   {**base, "output_dir": str(WORK / "runs" / f"dpo-ours-{r}")}, f"dpo-ours-{r}",
-                                   a.threads),
-        "trl": lambda r: run_side(trl_python, "trl_dpo.py",
-                                  {**base, "output_dir": str(WORK / "runs" / f"dpo-trl-{r}")}, f"dpo-trl-{r}",
-                                  a.threads),
-    }
-    results = alternate(sides, a.rounds)
-
-    stats = {}
-    for name, runs in results.items():
-        r = [rates(res, a.batch_size, a.warmup) for res in runs]
-        stats[name] = {"pps": [x[0] for x in r], "cpu_pps": [x[1] for x in r],
-                       "rss": statistics.median(res["peak_rss_mb"] for res in runs),
-                       "loss": statistics.fmean(statistics.fmean(res["losses"][-3:]) for res in runs),
-                       "acc": statistics.fmean(res["eval_accuracy"] for res in runs)}
-    rows = [(name, f"{statistics.median(s['pps']):.2f}", spread(s["pps"]), f"{statistics.median(s['cpu_pps']):.2f}",
-             spread(s["cpu_pps"]), f"{s['rss']:.0f}", f"{s['loss']:.4f}", f"{s['acc']:.3f}")
-            for name, s in stats.items()]
-    print_table(f"DPO: {a.steps} steps x {a.batch_size} pairs, {a.rounds} rounds", rows,
-                ("side", "pairs/s", "spread", "pairs/cpu-s", "spread", "peak RSS MB", "final loss", "held-out acc"))
-    o, t = stats["ours"], stats["trl"]
-    final_json({
-        "bench": "dpo", "steps": a.steps, "rounds": a.rounds,
-        "ours_pairs_per_s": round(statistics.median(o["pps"]), 3), "trl_pairs_per_s": round(statistics.median(t["pps"]), 3),
-        "throughput_ratio": round(statistics.median(o["pps"]) / statistics.median(t["pps"]), 3),
-        "throughput_ratio_cpu": round(statistics.median(o["cpu_pps"]) / statistics.median(t["cpu_pps"]), 3),
-        "ours_peak_rss_mb": round(o["rss"]), "trl_peak_rss_mb": round(t["rss"]),
-        "ours_held_out_accuracy": round(o["acc"], 4), "trl_held_out_accuracy": round(t["acc"], 4),
-        "ours_final_loss": round(o["loss"], 4), "trl_final_loss": round(t["loss"], 4),
-        "machine": machine_note(a.threads),
-    })
-
+from pairs_bench import main
 
 if __name__ == "__main__":
-    main()
+    main("dpo", "DPO", __doc__, {"learning_rate": 5e-5, "beta": 0.1})
