@@ -20,7 +20,8 @@ class PPOOptions(AlarmOptions):
     num_ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
     num_mini_batches: int = option(1, "Mini-batches each rollout batch is split into per epoch.", min=1)
     local_rollout_forward_batch_size: int = option(
-        64, "Rows per no-grad forward pass when computing reference log-probs, values and rewards.", min=1
+        64, "Rows per no-grad forward pass when computing reference log-probs, values and rewards (a longer "
+        "rollout is read longest rows first, in passes of rows of similar length).", min=1
     )
     kl_coef: float = option(0.05, "Weight of the per-token KL penalty to the reference model.", min=0.0)
     kl_estimator: str = option(
@@ -83,7 +84,8 @@ class GroupOptions(AlarmOptions):
         False, "Leave responses that never produced the stop token out of the loss (they still count in the group)."
     )
     local_rollout_forward_batch_size: int = option(
-        64, "Rows per generation call and per no-grad forward pass (log-probs, reference).", min=1
+        64, "Rows per generation call and per no-grad forward pass (log-probs, reference; a longer rollout is "
+        "read longest groups first, in passes of rows of similar length).", min=1
     )
     share_prompt_prefix: bool = option(
         True,

@@ -230,29 +230,48 @@ class OnlineTrainer:
         self.model.eval()
         width = r.response_ids.shape[1]
         critic = self.algorithm.uses_critic
+        passes, order = self._passes(r)
 
-        def full_width(x: torch.Tensor) -> torch.Tensor:  # (b, T') -> (b, T): zeros past every row's end
+        def full_width(x: torch.Tensor) -> torch.Tensor:  # (b, T') -> (b, T): zeros past the pass's longest row
             return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
-        def passes(rows: int):
-            return (slice(start, start + rows) for start in range(0, len(r.query_ids), rows))
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:  # the passes' (b, T) -> (B, T) in the rollout's order
+            out = torch.cat(parts)
+            if order is None:
+                return out
+            rows = torch.empty_like(out)
+            rows[order] = out
+            return rows
 
         ref_logprobs = None
-        if self.algorithm.uses_reference:
-            ref_logprobs = []
-            for idx in passes(self.forward_batch_size):  # (under the run's autocast: _read)
-                ref_logprobs.append(full_width(self.reference_logprobs(r, idx)))
-            ref_logprobs = torch.cat(ref_logprobs)
+        if self.algorithm.uses_reference:  # (under the run's autocast: _read)
+            ref_logprobs = joined([full_width(self.reference_logprobs(r, idx)) for idx in passes])
         if r.logprobs is not None and (r.values is not None or not critic):
             return r.logprobs, r.values, ref_logprobs
 
         logprobs, values = [], []
-        for idx in passes(self.forward_batch_size):
+        for idx in passes:
             stats, v = self._policy_forward(r, idx, entropy="none")
             logprobs.append(full_width(stats.logprobs))
             if critic:
                 values.append(full_width(v.float()))
-        return torch.cat(logprobs), (torch.cat(values) if critic else None), ref_logprobs
+        return joined(logprobs), (joined(values) if critic else None), ref_logprobs
+
+    def _passes(self, r: Experience) -> tuple[list, torch.Tensor | None]:
+        """The rows of each no-grad pass over rollout `r` (forward_batch_size at a time), and the order they
+        take the rollout's rows in (None: as they are). Where it takes more than one pass, the rows go longest
+        first, so that rows of similar length meet: a pass is trimmed to its longest prompt and response
+        (lm/forward.py trim_padding), and fewer of its columns are padding. A group's rows keep together
+        (ordered by its longest row), so that its prompt still runs once (lm/shared_prompts.py)."""
+        total, rows = len(r.query_ids), self.forward_batch_size
+        if total <= rows:
+            return [slice(0, total)], None
+        length = r.query_mask.sum(1) + r.response_mask.sum(1)  # (B,) real tokens
+        if r.group_ids is not None:
+            longest = length.new_zeros(len(length)).scatter_reduce(0, r.group_ids, length, "amax")  # (per group)
+            length = longest[r.group_ids]
+        order = torch.sort(length, descending=True, stable=True).indices
+        return [order[start : start + rows] for start in range(0, total, rows)], order
 
     # ------------------------------------------------------------------ the step
 

@@ -1,14 +1,18 @@
 """PPOTrainer on built-in tiny models: log-prob consistency, one step, the Python API."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlhf_cli.config.loader import build_stage
+from rlhf_cli.lm.forward import trim_padding
 from rlhf_cli.lm.logprobs import logprobs_from_logits
+from rlhf_cli.lm.masking import lengths_to_mask
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
+from rlhf_cli.online.trainer import OnlineTrainer
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.training.accel import make_accelerator
 
@@ -152,6 +156,50 @@ def test_any_rollout_size_updates_every_row(tmp_path, monkeypatch):
     seen.clear()
     trainer.step(trainer.generate(PROMPTS[:1]), torch.tensor([1.0]))
     assert seen == [[0], [0]]  # one row, once per epoch
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_no_grad_passes_take_rows_of_similar_length_together(tmp_path, monkeypatch, model):
+    """A rollout longer than local_rollout_forward_batch_size (3 here) is read in passes that go longest rows
+    first: each pass is trimmed to its longest prompt and response, so they hold fewer padding columns; and
+    every row gets its own old log-probs, values and reference log-probs, those of passes in row order."""
+    trainer = make_trainer(tmp_path, model)
+    query_ids, query_mask = trainer.encode(PROMPTS + PROMPTS[:2])  # prompts of 3, 10, 1, 6, 3 and 10 tokens
+    words = trainer.tokenizer.encode("the soundtrack is better than I expected and the chase scenes are terrific",
+                                     add_special_tokens=False)[:12]
+    rollout = trainer.rollout_from(query_ids, query_mask, torch.tensor([words] * 6),
+                                   response_lengths=torch.tensor([2, 12, 3, 11, 1, 10]))
+    passes, _ = trainer._passes(rollout)
+    assert [sorted(rows.tolist()) for rows in passes] == [[1, 3, 5], [0, 2, 4]]
+
+    def columns(rows) -> int:  # rows x (prompt + response columns) after trimming: what a pass computes
+        q, _, resp, _ = trim_padding(rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows],
+                                     rollout.response_mask[rows])
+        return q.shape[0] * (q.shape[1] + resp.shape[1])
+
+    in_order = [slice(0, 3), slice(3, 6)]
+    assert sum(map(columns, passes)) < 0.7 * sum(map(columns, in_order))
+
+    by_length = trainer.evaluate(rollout)
+    monkeypatch.setattr(trainer, "_passes", lambda r: (in_order, None))
+    mask = rollout.response_mask  # (past a row's end a pass holds what its longest row needs: masked)
+    for sorted_rows, plain in zip(by_length, trainer.evaluate(rollout), strict=True):  # log-probs, values, reference
+        torch.testing.assert_close(sorted_rows[mask], plain[mask], atol=1e-5, rtol=0)
+
+
+def test_a_groups_rows_keep_together_in_the_passes():
+    """Groups (lm/shared_prompts.py runs a group's prompt once per pass) are ordered by their longest row and
+    not split by it; rows without groups go by their own length."""
+    query = torch.ones(12, 2, dtype=torch.long)
+    response_mask = lengths_to_mask(torch.tensor([1, 1, 1, 9, 5, 5, 5, 5, 2, 2, 2, 7]), 9)
+    rollout = SimpleNamespace(query_ids=query, query_mask=query, response_mask=response_mask,
+                              group_ids=torch.arange(3).repeat_interleave(4))
+    trainer = SimpleNamespace(forward_batch_size=4)
+    passes, order = OnlineTrainer._passes(trainer, rollout)
+    assert [rows.tolist() for rows in passes] == [[0, 1, 2, 3], [8, 9, 10, 11], [4, 5, 6, 7]]
+    rollout.group_ids = None
+    passes, _ = OnlineTrainer._passes(trainer, rollout)
+    assert [rows.tolist() for rows in passes] == [[3, 11, 4, 5], [6, 7, 8, 9], [10, 0, 1, 2]]
 
 
 def test_rollout_from_masks_right_padding(tmp_path):
