@@ -46,5 +46,15 @@ class Experience:
     def __len__(self) -> int:
         return len(self.query_ids)
 
+    def longest_first(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (indices) reordered longest first (prompt + response tokens), for splitting into batches
+        that are each trimmed to their longest row: rows of similar length then meet, and fewer columns
+        are padding. A group's rows stay together, placed by its longest row (a group's prompt runs once
+        per batch: lm/shared_prompts.py); ties keep their order."""
+        length = self.query_mask.sum(1) + self.response_mask.sum(1)  # (B,)
+        if self.group_ids is not None:
+            length = length.new_zeros(len(length)).scatter_reduce(0, self.group_ids, length, "amax")[self.group_ids]
+        return rows[torch.sort(length[rows], descending=True, stable=True).indices]
+
 
 Rollout = Experience  # the name of the PPO-only API

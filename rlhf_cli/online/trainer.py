@@ -259,19 +259,14 @@ class OnlineTrainer:
 
     def _passes(self, r: Experience) -> tuple[list, torch.Tensor | None]:
         """The rows of each no-grad pass over rollout `r` (forward_batch_size at a time), and the order they
-        take the rollout's rows in (None: as they are). Where it takes more than one pass, the rows go longest
-        first, so that rows of similar length meet: a pass is trimmed to its longest prompt and response
-        (lm/forward.py trim_padding), and fewer of its columns are padding. A group's rows keep together
-        (ordered by its longest row), so that its prompt still runs once (lm/shared_prompts.py)."""
-        total, rows = len(r.query_ids), self.forward_batch_size
+        take the rollout's rows in (None: as they are). Where it takes more than one pass, longest rows
+        first (Experience.longest_first): a pass is trimmed to its longest prompt and response
+        (lm/forward.py trim_padding), so fewer of its columns are padding."""
+        total, rows = len(r), self.forward_batch_size
         if total <= rows:
             return [slice(0, total)], None
-        length = r.query_mask.sum(1) + r.response_mask.sum(1)  # (B,) real tokens
-        if r.group_ids is not None:
-            longest = length.new_zeros(len(length)).scatter_reduce(0, r.group_ids, length, "amax")  # (per group)
-            length = longest[r.group_ids]
-        order = torch.sort(length, descending=True, stable=True).indices
-        return [order[start : start + rows] for start in range(0, total, rows)], order
+        order = r.longest_first(torch.arange(total, device=r.query_ids.device))
+        return list(torch.split(order, rows)), order
 
     # ------------------------------------------------------------------ the step
 

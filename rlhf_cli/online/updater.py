@@ -48,7 +48,7 @@ class Updater:
         for _ in range(algorithm.num_epochs):
             order = torch.randperm(rows, device=mask.device)
             for mini_idx in torch.tensor_split(order, min(algorithm.num_mini_batches, rows)):
-                micro_batches = torch.split(mini_idx, self.training.per_device_train_batch_size)
+                micro_batches = self._micro_batches(exp, mini_idx)
                 # DDP averages gradients over processes: dividing each process's sum by (all tokens /
                 # processes) makes the averaged gradient that of the mean over all tokens
                 local_tokens = mask[mini_idx].sum().float()
@@ -66,6 +66,14 @@ class Updater:
         means = torch.stack([v / tokens.clamp_min(1) for v in sums.values()])
         means = accelerator.reduce(means, "mean")
         return dict(zip(sums, means.tolist(), strict=True))
+
+    def _micro_batches(self, exp: Experience, mini_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The mini-batch's rows in micro-batches of per_device_train_batch_size. Which micro-batch a row is
+        in does not change the step's gradient (every loss divides by the mini-batch's counts: MicroBatch),
+        so where there are several, the rows go longest first (Experience.longest_first): each micro-batch
+        is trimmed to its longest row, and a group's rows meet, its prompt run once (lm/shared_prompts.py)."""
+        size = self.training.per_device_train_batch_size
+        return torch.split(mini_idx if len(mini_idx) <= size else exp.longest_first(mini_idx), size)
 
     def _micro_step(self, exp: Experience, idx, algorithm: Algorithm, forward: Forward,
                     tokens: tuple[torch.Tensor, torch.Tensor], rows: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

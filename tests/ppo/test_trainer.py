@@ -1,7 +1,6 @@
 """PPOTrainer on built-in tiny models: log-prob consistency, one step, the Python API."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,10 +8,8 @@ import torch
 from rlhf_cli.config.loader import build_stage
 from rlhf_cli.lm.forward import trim_padding
 from rlhf_cli.lm.logprobs import logprobs_from_logits
-from rlhf_cli.lm.masking import lengths_to_mask
 from rlhf_cli.models.loading import load_tokenizer
 from rlhf_cli.models.policy import load_policy
-from rlhf_cli.online.trainer import OnlineTrainer
 from rlhf_cli.ppo.trainer import PPOTrainer
 from rlhf_cli.training.accel import make_accelerator
 
@@ -164,7 +161,7 @@ def test_no_grad_passes_take_rows_of_similar_length_together(tmp_path, monkeypat
     first: each pass is trimmed to its longest prompt and response, so they hold fewer padding columns; and
     every row gets its own old log-probs, values and reference log-probs, those of passes in row order."""
     trainer = make_trainer(tmp_path, model)
-    query_ids, query_mask = trainer.encode(PROMPTS + PROMPTS[:2])  # prompts of 3, 10, 1, 6, 3 and 10 tokens
+    query_ids, query_mask = trainer.encode(PROMPTS + PROMPTS[:2])  # prompts of 3, 10, 2, 6, 3 and 10 tokens
     words = trainer.tokenizer.encode("the soundtrack is better than I expected and the chase scenes are terrific",
                                      add_special_tokens=False)[:12]
     rollout = trainer.rollout_from(query_ids, query_mask, torch.tensor([words] * 6),
@@ -187,19 +184,41 @@ def test_no_grad_passes_take_rows_of_similar_length_together(tmp_path, monkeypat
         torch.testing.assert_close(sorted_rows[mask], plain[mask], atol=1e-5, rtol=0)
 
 
-def test_a_groups_rows_keep_together_in_the_passes():
-    """Groups (lm/shared_prompts.py runs a group's prompt once per pass) are ordered by their longest row and
-    not split by it; rows without groups go by their own length."""
-    query = torch.ones(12, 2, dtype=torch.long)
-    response_mask = lengths_to_mask(torch.tensor([1, 1, 1, 9, 5, 5, 5, 5, 2, 2, 2, 7]), 9)
-    rollout = SimpleNamespace(query_ids=query, query_mask=query, response_mask=response_mask,
-                              group_ids=torch.arange(3).repeat_interleave(4))
-    trainer = SimpleNamespace(forward_batch_size=4)
-    passes, order = OnlineTrainer._passes(trainer, rollout)
-    assert [rows.tolist() for rows in passes] == [[0, 1, 2, 3], [8, 9, 10, 11], [4, 5, 6, 7]]
-    rollout.group_ids = None
-    passes, _ = OnlineTrainer._passes(trainer, rollout)
-    assert [rows.tolist() for rows in passes] == [[3, 11, 4, 5], [6, 7, 8, 9], [10, 0, 1, 2]]
+@pytest.mark.parametrize("model", ["builtin:tiny-gpt2", "builtin:tiny-t5"])
+def test_micro_batches_of_a_mini_batch_go_longest_first_with_the_same_step(tmp_path, monkeypatch, model):
+    """One optimizer step over 6 rows in 3 micro-batches of 2 (gradient accumulation): the micro-batches
+    take the rows longest first (each is trimmed to its longest row) and the step is the one of micro-batches
+    in shuffled order -- every loss divides by the mini-batch's counts, not the micro-batch's -- to float
+    rounding (Adam's epsilon 1e-3 keeps a rounding-sized gradient from becoming a full step)."""
+    training = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "adam_epsilon": 1e-3}
+    results = []
+    for ordered in (True, False):
+        trainer = make_trainer(tmp_path / str(ordered), model, training=training, num_mini_batches=1,
+                               local_rollout_forward_batch_size=6)
+        if not ordered:
+            monkeypatch.setattr(trainer.updater, "_micro_batches", lambda exp, idx: torch.split(idx, 2))
+        seen = []
+        micro_step = trainer.updater._micro_step
+        monkeypatch.setattr(trainer.updater, "_micro_step",
+                            lambda r, idx, *a, seen=seen, step=micro_step: (seen.append(idx.tolist()), step(r, idx, *a))[1])
+        query_ids, query_mask = trainer.encode(PROMPTS + PROMPTS[:2])
+        words = trainer.tokenizer.encode("the soundtrack is better than I expected and the chase scenes are terrific",
+                                         add_special_tokens=False)[:12]
+        rollout = trainer.rollout_from(query_ids, query_mask, torch.tensor([words] * 6),
+                                       response_lengths=torch.tensor([2, 12, 3, 11, 1, 10]))
+        torch.manual_seed(0)  # the update's row order
+        stats = trainer.step(rollout, torch.linspace(-1, 1, 6))
+        results.append((seen, stats, {k: v.detach().clone() for k, v in trainer.unwrapped.named_parameters()}))
+    (seen, stats, weights), (seen_plain, stats_plain, weights_plain) = results
+    # rows of 5, 22, 5, 17, 4 and 20 tokens: 22, 20 | 17, 5 | 5, 4 (the two of 5 in the shuffled order)
+    assert sorted(seen[0]) == [1, 5] and 3 in seen[1] and 4 in seen[2]
+    assert sorted(sum(seen[:3], [])) == sorted(sum(seen_plain[:3], [])) == list(range(6))  # one mini-batch
+    assert seen[:3] != seen_plain[:3]
+    for key, value in stats_plain.items():  # (val/ratio_var: the mean of each micro-batch's variance)
+        if not key.startswith("time/") and key != "val/ratio_var":
+            assert stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for key, value in weights_plain.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0)
 
 
 def test_rollout_from_masks_right_padding(tmp_path):
