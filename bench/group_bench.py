@@ -4,7 +4,8 @@ GRPOTrainer / RLOOTrainer, side by side, plus the floor of any such algorithm (b
 Both sides: the same `builtin:small-gpt2` policy (bench/.work/policy-small-gpt2), the same prompts
 (builtin:review-prompts, train split), the same group size (num_generations), rollout batch
 (`--batch-size` responses = batch / num_generations prompts), micro-batch (steps_per_generation =
-batch / micro-batch optimizer steps per pass), passes over each rollout (num_iterations), beta,
+batch / micro-batch), micro-batches per optimizer step (gradient_accumulation_steps, `--gradient-accumulation`:
+steps_per_generation / it optimizer steps per pass), passes over each rollout (num_iterations), beta,
 epsilon, loss settings, sampling settings, learning rate, schedule and gradient clipping, and the
 same reward function (builtin:sentiment, i.e. rlhf_cli.builtin.sentiment.sentiment_reward, on
 prompt + completion). Every completion is `--response-length` tokens on every side (the stop token
@@ -15,7 +16,7 @@ is suppressed until then: min_new_tokens), so no side is faster for having learn
 
 Each run is a fresh process; the sides alternate (ours, TRL, ... per beta, then the floor) every
 round. Both sides tick a clock after every optimizer step (the same hook on torch's AdamW); every
-(steps_per_generation x num_iterations)-th tick ends an iteration (a rollout: sample, score, update),
+(optimizer steps per pass x num_iterations)-th tick ends an iteration (a rollout: sample, score, update),
 and an iteration's time is the gap between two such ends, so the first iteration (process start,
 loading) never counts; `--warmup` more are dropped. Reward reached: each side's own mean training
 reward over the last quarter of its iterations, and the gold score (builtin:sentiment on responses
@@ -54,9 +55,11 @@ def parse(algorithm: str, doc: str, betas: str, argv=None) -> argparse.Namespace
     parser.add_argument("--betas", default=betas, help="comma-separated KL weights, one case each")
     parser.add_argument("--batch-size", type=int, default=32, help="responses per rollout (whole groups)")
     parser.add_argument("--num-generations", type=int, default=8 if algorithm == "grpo" else 4)
+    parser.add_argument("--gradient-accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (gradient_accumulation_steps, both sides)")
     parser.add_argument("--micro-batch-size", type=int, default=16,
-                        help="per_device_train_batch_size: one optimizer step each (steps_per_generation = "
-                             "batch / micro-batch)")
+                        help="per_device_train_batch_size (steps_per_generation = batch / micro-batch; an "
+                             "optimizer step every --gradient-accumulation of them)")
     parser.add_argument("--num-iterations", type=int, default=2, help="passes over each rollout (mu)")
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--natural-stop", action="store_true", help="stop at EOS (default: full length)")
@@ -75,8 +78,9 @@ def parse(algorithm: str, doc: str, betas: str, argv=None) -> argparse.Namespace
                         help="read the result of a run already in bench/.work (same label and spec) instead of "
                              "running it again: finishes an interrupted benchmark")
     a = parser.parse_args(argv)
-    if a.batch_size % a.num_generations or a.batch_size % a.micro_batch_size:
-        parser.error("--batch-size must be a multiple of --num-generations and of --micro-batch-size")
+    if a.batch_size % a.num_generations or a.batch_size % (a.micro_batch_size * a.gradient_accumulation):
+        parser.error("--batch-size must be a multiple of --num-generations and of --micro-batch-size x "
+                     "--gradient-accumulation")
     return a
 
 
@@ -107,6 +111,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
     base = {
         "algorithm": algorithm, "policy": str(POLICY), "seed": 42, "batch_size": a.batch_size,
         "micro_batch_size": a.micro_batch_size, "steps_per_generation": steps_per_generation,
+        "gradient_accumulation_steps": a.gradient_accumulation,
         "num_generations": a.num_generations, "num_iterations": a.num_iterations, "iterations": a.iterations,
         "response_length": a.response_length, "min_response_length": 0 if a.natural_stop else a.response_length,
         "temperature": 0.7, "epsilon": 0.2, "learning_rate": a.learning_rate, "max_grad_norm": 1.0,
@@ -166,7 +171,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
              f"{gold[name]:+.4f}" if name in gold else "-") for name in results]
     print_table(f"{algorithm.upper()}: s/iteration (median; spread of per-run medians over {a.rounds} rounds), "
                 f"{a.batch_size} responses ({a.batch_size // a.num_generations} prompts x {a.num_generations}) x "
-                f"{a.response_length} tokens, {steps_per_generation} x {a.num_iterations} optimizer steps per "
+                f"{a.response_length} tokens, {steps_per_generation // a.gradient_accumulation} x {a.num_iterations} optimizer steps per "
                 f"iteration; rewards after {episodes} episodes (untrained policy's gold: {initial_gold:+.4f})",
                 rows, ("side", "s/iter", "spread", "cpu s/iter", "spread", "episodes/s", "peak RSS MB",
                        "reward it.1", f"reward last {tail}", "gold"))
@@ -177,7 +182,8 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
 
     payload = {"bench": algorithm, "episodes": episodes, "batch_size": a.batch_size,
                "num_generations": a.num_generations, "num_iterations": a.num_iterations,
-               "steps_per_generation": steps_per_generation, "response_length": a.response_length,
+               "steps_per_generation": steps_per_generation, "gradient_accumulation": a.gradient_accumulation,
+               "response_length": a.response_length,
                "fixed_length": not a.natural_stop, "prompt_words": a.prompt_words, "iterations": a.iterations,
                "rounds": a.rounds,
                "initial_gold": round(initial_gold, 4)}

@@ -35,12 +35,12 @@ config = build_stage(algorithm, {
     "training": {"output_dir": s["output_dir"], "seed": s["seed"], "learning_rate": s["learning_rate"],
                  "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0,
                  "max_grad_norm": s["max_grad_norm"], "per_device_train_batch_size": s["micro_batch_size"],
-                 "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 10**6},
+                 "gradient_accumulation_steps": s.get("gradient_accumulation_steps", 1), "logging_steps": 1, "save_steps": 10**6},
     algorithm: options,
 })
 importlib.import_module(f"rlhf_cli.stages.{algorithm}").run(config, overwrite=True)
 
-steps = s["steps_per_generation"] * s["num_iterations"]  # optimizer steps per rollout batch
+steps = s["steps_per_generation"] // s.get("gradient_accumulation_steps", 1) * s["num_iterations"]  # optimizer steps per rollout
 per_iteration = clock.every(steps)
 rows = [json.loads(line) for line in (Path(s["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
 rows = [r for r in rows if "reward" in r]

@@ -38,12 +38,13 @@ if mismatched:
     raise SystemExit(f"{mismatched} prompts tokenise differently on the two sides: the comparison would be unfair")
 dataset = Dataset.from_dict({"prompt": texts})
 
+steps_per_rollout = s["steps_per_generation"] // s.get("gradient_accumulation_steps", 1) * s["num_iterations"]
 common = dict(
     output_dir=s["output_dir"], seed=s["seed"], learning_rate=s["learning_rate"], lr_scheduler_type="linear",
     warmup_steps=0, weight_decay=0.0, max_grad_norm=s["max_grad_norm"],
-    per_device_train_batch_size=s["micro_batch_size"], gradient_accumulation_steps=1,
+    per_device_train_batch_size=s["micro_batch_size"], gradient_accumulation_steps=s.get("gradient_accumulation_steps", 1),
     steps_per_generation=s["steps_per_generation"], num_generations=s["num_generations"],
-    num_iterations=s["num_iterations"], max_steps=s["iterations"] * s["steps_per_generation"] * s["num_iterations"],
+    num_iterations=s["num_iterations"], max_steps=s["iterations"] * steps_per_rollout,
     max_completion_length=s["response_length"], temperature=s["temperature"], top_k=0, top_p=1.0,
     generation_kwargs={"min_new_tokens": s["min_response_length"]} if s["min_response_length"] else None,
     beta=s["beta"], epsilon=s["epsilon"],
@@ -75,8 +76,7 @@ trainer = trainer_class(model=model, reward_funcs=sentiment, args=args, train_da
 trainer.train()
 trainer.save_model(s["output_dir"])
 tokenizer.save_pretrained(s["output_dir"])
-steps = s["steps_per_generation"] * s["num_iterations"]
-per_iteration = clock.every(steps)
+per_iteration = clock.every(steps_per_rollout)
 rewards = [row["reward"] for row in kept]
 sidekit.finish(result_path, {"times": per_iteration.times(), "cpu_times": per_iteration.cpu_times(),
                              "optimizer_steps": len(clock.stamps), "train_rewards": rewards,
