@@ -53,7 +53,8 @@ class Experience:
         per batch: lm/shared_prompts.py); ties keep their order."""
         length = self.query_mask.sum(1) + self.response_mask.sum(1)  # (B,)
         if self.group_ids is not None:
-            length = length.new_zeros(len(length)).scatter_reduce(0, self.group_ids, length, "amax")[self.group_ids]
+            _, group = torch.unique(self.group_ids, return_inverse=True)  # (B,) 0..groups-1, whatever the ids
+            length = length.new_zeros(len(length)).scatter_reduce(0, group, length, "amax")[group]
         return rows[torch.sort(length[rows], descending=True, stable=True).indices]
 
 

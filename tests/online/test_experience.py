@@ -29,3 +29,6 @@ def test_a_groups_rows_keep_together_placed_by_its_longest_row():
     # a shuffled mini-batch: each group's rows in it still meet
     assert grouped.longest_first(torch.tensor([5, 0, 9, 3, 4, 11])).tolist() == [0, 3, 9, 11, 5, 4]
     assert rollout(lengths, [2] * 12).longest_first(torch.arange(12)).tolist()[:4] == [3, 11, 4, 5]
+    ids = torch.tensor([7, 7, 7, 7, 1000, 1000, 1000, 1000, 42, 42, 42, 42])  # any ids name the groups
+    assert rollout(lengths, [2] * 12, group_ids=ids).longest_first(torch.arange(12)).tolist() == \
+        [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7]
