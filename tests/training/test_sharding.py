@@ -1,7 +1,6 @@
 """training/sharding.py helpers that need no second process: evaluation batches in lockstep, a choice made by
 every process alike, tied aliases left out of gathered weights, an adapter file's names mapped to the wrapped
-model's. (The FSDP
-runs themselves: tests/test_fsdp.py.)"""
+model's. (The FSDP runs themselves: tests/test_fsdp.py.)"""
 
 from types import SimpleNamespace
 
