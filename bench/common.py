@@ -9,6 +9,7 @@ first `warmup` entries are dropped before taking medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -25,6 +26,26 @@ REUSE = False  # --reuse-results: a run whose result file exists (same spec) is 
 PEERS = {"trl-ppo": BENCH / ".venv-trl-ppo" / "bin" / "python", "trl": BENCH / ".venv-trl" / "bin" / "python",
          # bench/ddpo.py's peer (trl 0.23, transformers 4.x): made by setup_ddpo_peer.sh, not setup_peers.sh
          "trl-ddpo": BENCH / ".venv-trl-ddpo" / "bin" / "python"}
+
+
+def steps_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks timed by optimizer steps (sft, reward, dpo); `parse_steps` reads them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="further steps dropped per run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-results", action="store_true",
+                        help="read the result of a run already in bench/.work (same label and spec) instead of "
+                             "running it again: finishes an interrupted benchmark")
+    return parser
+
+
+def parse_steps(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    global REUSE
+    args = parser.parse_args()
+    REUSE = args.reuse_results
+    return args
 
 
 def peer_python(name: str) -> str:

@@ -9,20 +9,20 @@ evaluation on the same first `--eval-pairs` test pairs. Prints a table, then ONE
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-import common
 from common import (
     OURS_PY,
     WORK,
     alternate,
     final_json,
     machine_note,
+    parse_steps,
     peer_python,
     print_table,
     run_side,
     spread,
+    steps_parser,
 )
 from ppo import POLICY, prepare_models
 
@@ -34,18 +34,10 @@ def rates(res: dict, batch: int, warmup: int) -> tuple[float, float]:
 
 def main(stage: str, title: str, doc: str, settings: dict) -> None:
     """`settings`: the stage's own keys of both sides' specs (learning rate, beta, ...)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="further steps dropped per run")
+    parser = steps_parser(doc)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--eval-pairs", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reuse-results", action="store_true",
-                        help="read the result of a run already in bench/.work (same label and spec) instead of "
-                             "running it again: finishes an interrupted benchmark")
-    a = parser.parse_args()
-    common.REUSE = a.reuse_results
+    a = parse_steps(parser)
 
     prepare_models()
     trl_python = peer_python("trl")

@@ -15,10 +15,8 @@ Prints a table, then ONE JSON line with the ratios.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-import common
 import torch
 from common import (
     OURS_PY,
@@ -26,10 +24,12 @@ from common import (
     alternate,
     final_json,
     machine_note,
+    parse_steps,
     peer_python,
     print_table,
     run_side,
     spread,
+    steps_parser,
 )
 from ppo import POLICY, prepare_models
 
@@ -62,19 +62,11 @@ def held_out_loss(model_dir: str, rows: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="further steps dropped per run")
+    parser = steps_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reuse-results", action="store_true",
-                        help="read the result of a run already in bench/.work (same label and spec) instead of "
-                             "running it again: finishes an interrupted benchmark")
-    a = parser.parse_args()
-    common.REUSE = a.reuse_results
+    a = parse_steps(parser)
 
     prepare_models()
     trl_python = peer_python("trl")
