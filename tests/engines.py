@@ -240,7 +240,7 @@ def assert_resume_exactly(engine: str, runs: Path) -> None:
 def assert_prompts_shared_in_step(log: str) -> None:
     """GRPO and RLOO ran prompts once per group in some forwards, every process deciding as the others did
     (training/sharding.py `agreement`: else ZeRO-2 reduced mixed-up gradients for RLOO here)."""
-    shared = re.findall(r"share_prompt_prefix: (\d+) of \d+ forwards.*, or another process's did\)", log)
+    shared = re.findall(r"share_prompt_prefix: (\d+) of \d+ forwards.*the processes share only together\)", log)
     assert len(shared) == 2 and all(int(n) > 0 for n in shared), shared or log[-3000:]
 
 

@@ -120,9 +120,9 @@ class PromptSharing:
     def summary(self) -> str:
         """One line for the log: how often it shared, and what kept the rest from it."""
         return (f"share_prompt_prefix: {self.shared} of {self.planned} forwards and sampling batches ran each "
-                f"prompt once (the others spared less than {MIN_SAVING:.0%} of their tokens"
-                + (", had rows past the sliding window" if self.window else "")
-                + (", or another process's did" if self.agree else "") + ")")
+                f"prompt once; the rest ran every row's prompt (sharing would have spared less than "
+                f"{MIN_SAVING:.0%} of their tokens" + (", or rows were longer than the sliding window" if self.window else "")
+                + ("; under this engine the processes share only together" if self.agree else "") + ")")
 
 
 def duplicate_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_where_processes_must_agree_it_shares_only_where_every_one_would():
     assert refused.plan(groups, prompt_width=8, length=10) is None
     assert refused.plan(torch.tensor([0, 1, 2, 3]), prompt_width=8, length=10) is None
     assert asked == [True, False]  # every plan asks, also one that would not share (the others must hear it)
-    assert "0 of 2 forwards" in refused.summary() and "another process" in refused.summary()
+    assert "0 of 2 forwards" in refused.summary() and "the processes share only together" in refused.summary()
     agreed = sharing_for(model, lambda share: share)
     assert agreed.plan(groups, prompt_width=8, length=10).row_prompt.tolist() == [0, 0, 1, 1]
     assert agreed.shared == agreed.planned == 1
