@@ -2,7 +2,8 @@
 
 Every model samples batch b of the (prompt x sample) rows right after `torch.manual_seed(seed + b)`,
 so two models differ only by their weights (identical weights give identical samples), and one
-model's batch does not depend on how long the previous batch ran.
+model's batch does not depend on how long the previous batch ran. With several samples per prompt,
+a batch runs each prompt once (lm/shared_prompts.py), in sampling and in the KL's log-prob forwards.
 """
 
 import logging
@@ -15,6 +16,7 @@ from rlhf_cli.config.sections import GenerationConfig
 from rlhf_cli.environments.rollout import environment_from_config
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.metrics import sequence_kl
+from rlhf_cli.lm import shared_prompts
 from rlhf_cli.lm.forward import innermost_model, model_inputs, response_slice
 from rlhf_cli.lm.generation import (
     install_sampling_config,
@@ -24,6 +26,7 @@ from rlhf_cli.lm.generation import (
 )
 from rlhf_cli.lm.head import read_tokens
 from rlhf_cli.lm.masking import lengths_to_mask, truncate_after_stop
+from rlhf_cli.lm.shared_prompts import PromptSharing, SharedPrompts, duplicate_rows, prefill
 from rlhf_cli.models.dropout import disable_dropout
 from rlhf_cli.models.loading import load_model, load_tokenizer
 from rlhf_cli.models.policy import is_encoder_decoder
@@ -78,12 +81,22 @@ class EvalModel:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def response_logprobs(self, query_ids, query_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
-        """log softmax(logits / temperature) at each response token: (B, T) float32."""
+    def response_logprobs(self, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                          shared: SharedPrompts | None = None) -> torch.Tensor:
+        """log softmax(logits / temperature) at each response token: (B, T) float32. `shared`: rows that
+        hold the same prompt run it once (lm/shared_prompts.py; a causal model then returns the T
+        response columns only)."""
         inputs = model_inputs(self.config, query_ids, query_mask, response_ids, response_mask)
         P, T = query_ids.shape[1], response_ids.shape[1]
-        stats, _ = read_tokens(self.model, lambda: (self.model(**inputs, use_cache=False).logits, None),
-                               lambda x: response_slice(x, P, T, self.encoder_decoder), response_ids, temperature)
+        if shared is not None:
+            inputs[shared_prompts.SHARED] = shared
+        kept = shared is not None and not self.encoder_decoder
+
+        def columns(x: torch.Tensor) -> torch.Tensor:  # (B, k, ...) -> (B, T, ...)
+            return x[:, :T] if kept else response_slice(x, P, T, self.encoder_decoder)
+
+        stats, _ = read_tokens(self.model, lambda: (shared_prompts.logits(self.model, inputs), None), columns,
+                               response_ids, temperature)
         return stats.logprobs
 
 
@@ -104,13 +117,16 @@ def sample_model(
     if environment is not None and environment.tools:
         env = environment_from_config(environment, gen, lm.model, tokenizer, stop_id, lm.name, tools=tools)
     out = Samples([], [], [], [], [] if reference is not None else None, [] if env is not None else None)
+    sharing = PromptSharing([lm.model] + ([reference.model] if reference is not None else []))
     forked = [lm.device] if lm.device.type == "cuda" else []
     for b, start in enumerate(range(0, len(rows), batch_size)):
         q, m = lm.encode_device(rows[start : start + batch_size])
+        # a prompt's samples are consecutive rows: each distinct prompt runs once (sampling draws the same tokens)
+        shared = sharing.plan(duplicate_rows(q, m), q.shape[1], q.shape[1] + gen.response_length)
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed + b)
             if env is None:
-                raw = sample_responses(lm.model, q, m)
+                raw = sample_responses(lm.model, q, m, None if shared is None else prefill(lm.model, q, m, shared))
             else:
                 exp = env.rollout(q, m)
         if env is None:
@@ -121,8 +137,8 @@ def sample_model(
             lengths = own.sum(1)
             out.episodes += exp.episodes
         if reference is not None:
-            logprobs = lm.response_logprobs(q, m, responses, mask, gen.temperature)
-            ref_logprobs = reference.response_logprobs(q, m, responses, mask, gen.temperature)
+            logprobs = lm.response_logprobs(q, m, responses, mask, gen.temperature, shared)
+            ref_logprobs = reference.response_logprobs(q, m, responses, mask, gen.temperature, shared)
             out.kls.append(sequence_kl(logprobs, ref_logprobs, own).cpu())
         out.prompts += tokenizer.batch_decode(q, skip_special_tokens=True)
         out.responses += tokenizer.batch_decode(responses.masked_fill(~mask, pad), skip_special_tokens=True)
