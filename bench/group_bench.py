@@ -70,6 +70,7 @@ def parse(algorithm: str, doc: str, betas: str, argv=None) -> argparse.Namespace
                         help="also run ours with share_prompt_prefix off (each row runs its own prompt)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--gold-prompts", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42, help="every side's seed (prompt order, sampling, initialisation)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (the same for all)")
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--no-trl", action="store_true", help="ours (and the floor) only")
@@ -109,7 +110,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
     if a.prompt_words:
         dataset, max_prompt_length = long_prompts(a.prompt_words), 4 * a.prompt_words
     base = {
-        "algorithm": algorithm, "policy": str(POLICY), "seed": 42, "batch_size": a.batch_size,
+        "algorithm": algorithm, "policy": str(POLICY), "seed": a.seed, "batch_size": a.batch_size,
         "micro_batch_size": a.micro_batch_size, "steps_per_generation": steps_per_generation,
         "gradient_accumulation_steps": a.gradient_accumulation,
         "num_generations": a.num_generations, "num_iterations": a.num_iterations, "iterations": a.iterations,
@@ -138,7 +139,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
             sides[f"trl/{case}"] = lambda r, c=case: run_side(trl_python, "trl_group.py", spec_for(c, "trl", r),
                                                               f"{a.tag}-{c}-trl-{r}", a.threads)
     if not a.no_floor:
-        floor = {"policy": str(POLICY), "seed": 42, "batch_size": a.batch_size, "iterations": a.iterations,
+        floor = {"policy": str(POLICY), "seed": a.seed, "batch_size": a.batch_size, "iterations": a.iterations,
                  "num_generations": a.num_generations, "num_mini_batches": steps_per_generation,
                  "num_ppo_epochs": a.num_iterations, "response_length": a.response_length,
                  "min_response_length": base["min_response_length"], "temperature": base["temperature"],
@@ -184,7 +185,7 @@ def main(algorithm: str, doc: str, betas: str, argv=None) -> None:
                "num_generations": a.num_generations, "num_iterations": a.num_iterations,
                "steps_per_generation": steps_per_generation, "gradient_accumulation": a.gradient_accumulation,
                "response_length": a.response_length,
-               "fixed_length": not a.natural_stop, "prompt_words": a.prompt_words, "iterations": a.iterations,
+               "fixed_length": not a.natural_stop, "prompt_words": a.prompt_words, "iterations": a.iterations, "seed": a.seed,
                "rounds": a.rounds,
                "initial_gold": round(initial_gold, 4)}
     for case in cases:
